@@ -1,0 +1,475 @@
+"""The V:N:M format: spec, mask construction, packing, validation and the reference matmul.
+
+Pure torch and device-agnostic: this module is the single source of truth for the layout described in
+``docs/format.md``. Every other layer (kernels, modules, HF integration, pruning) builds on it.
+
+V:N:M counts *kept* weights: ``64:2:8`` keeps 2 of every 8 (75 % sparse). A weight ``(R, K)`` is cut
+into blocks of V rows x M columns; each block keeps the same 4 columns for all its V rows, and inside
+those every row keeps N (N == 2 is what ``mma.sp`` runs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "VNMSpec",
+    "VNMFormatError",
+    "PackedVNM",
+    "make_mask",
+    "mask_from_weight",
+    "check_mask",
+    "pack",
+    "unpack",
+    "unpack_tensors",
+    "validate",
+    "validate_tensors",
+    "vnm_linear",
+    "packed_shapes",
+]
+
+logger = logging.getLogger("venom_hf")
+
+MAX_M = 256  # column indices are stored in 8 bits
+# Column-set search: exhaustive when C(M, kept_columns) is at most this many candidate sets, otherwise
+# exhaustive over the L columns with the largest block saliency, with L the largest that fits the budget.
+MAX_COLUMN_SETS = 330
+# Blocks scored at once; bounds the search's temporary memory to ~ chunk * V * sets * kept_columns floats.
+_SEARCH_ELEMS = 1 << 24
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class VNMFormatError(ValueError):
+    """A weight, mask or packed tensor violates the V:N:M format."""
+
+
+# --------------------------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class VNMSpec:
+    """A V:N:M sparsity pattern: blocks of ``v`` rows x ``m`` columns, ``n`` kept per row and group.
+
+    ``VNMSpec.parse("64:2:8")``, ``VNMSpec.parse((64, 2, 8))`` and ``VNMSpec(64, 2, 8)`` are equivalent.
+    """
+
+    v: int
+    n: int
+    m: int
+
+    def __post_init__(self):
+        for name in ("v", "n", "m"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise VNMFormatError(f"V:N:M spec: {name.upper()} must be an int, got {val!r}")
+        if self.v < 1:
+            raise VNMFormatError(f"V:N:M spec {self}: V must be >= 1, got V={self.v}")
+        if not 4 <= self.m <= MAX_M:
+            raise VNMFormatError(
+                f"V:N:M spec {self}: M must be in [4, {MAX_M}] (4 columns are kept per block and "
+                f"column indices are stored in 8 bits), got M={self.m}"
+            )
+        if not 1 <= self.n < self.m:
+            raise VNMFormatError(f"V:N:M spec {self}: N must satisfy 1 <= N < M, got N={self.n}, M={self.m}")
+
+    @classmethod
+    def parse(cls, spec: "VNMSpec | str | tuple | list") -> "VNMSpec":
+        if isinstance(spec, VNMSpec):
+            return spec
+        if isinstance(spec, str):
+            parts = spec.strip().split(":")
+            if len(parts) != 3:
+                raise VNMFormatError(f"V:N:M spec must look like '64:2:8' (three ints separated by ':'), got {spec!r}")
+            try:
+                v, n, m = (int(p) for p in parts)
+            except ValueError:
+                raise VNMFormatError(f"V:N:M spec must look like '64:2:8' (three ints), got {spec!r}") from None
+            return cls(v, n, m)
+        if isinstance(spec, (tuple, list)) and len(spec) == 3:
+            return cls(*spec)
+        raise VNMFormatError(f"cannot parse a V:N:M spec from {spec!r}; use a string like '64:2:8'")
+
+    def __str__(self) -> str:
+        return f"{self.v}:{self.n}:{self.m}"
+
+    @property
+    def kept_columns(self) -> int:
+        """Columns each V x M block keeps: min(M, max(4, N + 2)); 4 for N <= 2 (what mma.sp reads).
+
+        Growing by one column per extra N keeps a gradual schedule that lowers N one step at a time
+        nested: from N+1 kept of (N+3) columns, every row still has N kept entries in the best N+2."""
+        return min(self.m, max(4, self.n + 2))
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    @property
+    def packable(self) -> bool:
+        """Only V:2:M has a packed form (and a kernel)."""
+        return self.n == 2
+
+
+def packed_shapes(out_features: int, in_features: int, spec: VNMSpec | str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the packed tensors of an ``(out_features, in_features)`` weight (a pure function)."""
+    spec = VNMSpec.parse(spec)
+    rb, gp = math.ceil(out_features / spec.v), _round_up(math.ceil(in_features / spec.m), 8)
+    rp = rb * spec.v
+    return {"values": (rp, gp, 2), "columns": (rb, gp, 4), "meta": (rp, gp)}
+
+
+def _round_up(x: int, k: int) -> int:
+    return (x + k - 1) // k * k
+
+
+# --------------------------------------------------------------------------------------------- masks
+def _check_matrix(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise VNMFormatError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise VNMFormatError(f"{what} must be 2-D (out_features, in_features), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise VNMFormatError(f"{what} is empty (shape {tuple(t.shape)})")
+
+
+def _check_float_finite(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise VNMFormatError(f"{what} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise VNMFormatError(f"{what} has {int(bad.sum())} non-finite entries (first at {idx}: {t[idx].item()})")
+
+
+@lru_cache(maxsize=None)
+def _column_sets(n_candidates: int, k: int) -> torch.Tensor:
+    return torch.tensor(list(itertools.combinations(range(n_candidates), k)), dtype=torch.long)
+
+
+def _n_candidates(m: int, k: int) -> int:
+    """Largest L <= m with C(L, k) <= MAX_COLUMN_SETS (at least k)."""
+    if math.comb(m, k) <= MAX_COLUMN_SETS:
+        return m
+    L = k
+    while L < m and math.comb(L + 1, k) <= MAX_COLUMN_SETS:
+        L += 1
+    return L
+
+
+def _select_block_columns(S: torch.Tensor, spec: VNMSpec) -> torch.Tensor:
+    """S: (Rb, V, G, M) float scores (higher = keep). Returns bool (Rb, G, M): the columns each block keeps."""
+    rb, v, g, m = S.shape
+    k = spec.kept_columns
+    if k >= m:
+        return torch.ones(rb, g, m, dtype=torch.bool, device=S.device)
+    blocks = S.permute(0, 2, 1, 3).reshape(rb * g, v, m)  # (B, V, M)
+    L = _n_candidates(m, k)
+    if L < m:  # pre-select the L columns with the largest block saliency
+        cand = blocks.sum(1).topk(L, dim=-1).indices.sort(-1).values  # (B, L)
+        cand_scores = blocks.gather(2, cand[:, None, :].expand(-1, v, -1))  # (B, V, L)
+    else:
+        cand = None
+        cand_scores = blocks
+    sets = _column_sets(L, k).to(S.device)  # (C, k)
+    n_sets = sets.shape[0]
+    keep_n = min(spec.n, k)
+    best = torch.empty(rb * g, dtype=torch.long, device=S.device)
+    chunk = max(1, _SEARCH_ELEMS // (v * n_sets * k))
+    for s in range(0, rb * g, chunk):
+        cs = cand_scores[s : s + chunk]  # (b, V, L)
+        vals = cs[:, :, sets]  # (b, V, C, k)
+        row_best = vals.topk(keep_n, dim=-1).values.sum(-1)  # (b, V, C): each row keeps its best N
+        best[s : s + chunk] = row_best.sum(1).argmax(-1)  # (b,)
+    chosen = sets[best]  # (B, k) indices into the candidates
+    if cand is not None:
+        chosen = cand.gather(1, chosen)
+    colmask = torch.zeros(rb * g, m, dtype=torch.bool, device=S.device)
+    colmask.scatter_(1, chosen, True)
+    return colmask.view(rb, g, m)
+
+
+def make_mask(
+    weight: torch.Tensor,
+    spec: VNMSpec | str,
+    scores: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean V:N:M mask of ``weight`` (R, K) that keeps the most salient entries (|w| by default).
+
+    Per block of V rows x M columns, picks the set of ``spec.kept_columns`` columns that maximises the sum
+    over the block's rows of each row's best N scores inside the set; then each row keeps its N best
+    entries of that set. Rows/columns beyond a multiple of V/M are handled by padding with scores below
+    every real score, so a padded position is never preferred to a real one.
+
+    ``allowed`` (bool, R x K) restricts the mask to a subset (e.g. the previous mask of a gradual
+    schedule): whenever a V:N:M mask inside ``allowed`` exists, the result lies inside it.
+    """
+    spec = VNMSpec.parse(spec)
+    _check_matrix(weight, "weight")
+    if scores is None:
+        _check_float_finite(weight, "weight")
+        scores = weight.detach().abs()
+    else:
+        _check_matrix(scores, "scores")
+        if scores.shape != weight.shape:
+            raise VNMFormatError(f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+        _check_float_finite(scores, "scores")
+    R, K = weight.shape
+    S = scores.detach().to(torch.float64 if scores.dtype == torch.float64 or allowed is not None else torch.float32)
+    if allowed is not None:
+        if allowed.shape != weight.shape or allowed.dtype != torch.bool:
+            raise VNMFormatError(f"allowed must be a bool tensor of shape {tuple(weight.shape)}")
+        # Disallowed entries score so low that a set needing one loses to every set that needs none.
+        S = S - S.min()
+        penalty = (float(S.max()) + 1.0) * spec.v * spec.m + 1.0
+        S = torch.where(allowed.to(S.device), S, torch.full_like(S, -penalty))
+    rb, g = math.ceil(R / spec.v), math.ceil(K / spec.m)
+    if rb * spec.v != R or g * spec.m != K:
+        pad_value = float(S.min()) - 1.0 - abs(float(S.min()))
+        S = F.pad(S, (0, g * spec.m - K, 0, rb * spec.v - R), value=pad_value)
+    S = S.view(rb, spec.v, g, spec.m)
+    colmask = _select_block_columns(S, spec)  # (Rb, G, M)
+    # each row keeps its N best entries among the block's columns
+    masked = S.masked_fill(~colmask[:, None], float("-inf"))
+    keep = masked.topk(spec.n, dim=-1).indices
+    mask = torch.zeros_like(S, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.view(rb * spec.v, g * spec.m)[:R, :K].contiguous()
+
+
+def mask_from_weight(weight: torch.Tensor, spec: VNMSpec | str) -> torch.Tensor:
+    """The V:N:M mask implied by a weight's zeros (e.g. a zeros-baked "dense" checkpoint).
+
+    Every non-zero is kept; the rest of the structure is completed with zeros. Raises VNMFormatError
+    when the non-zeros do not fit the V:N:M pattern.
+    """
+    spec = VNMSpec.parse(spec)
+    _check_matrix(weight, "weight")
+    nonzero = weight != 0
+    mask = make_mask(weight, spec, scores=nonzero.float())
+    missed = nonzero & ~mask
+    if bool(missed.any()):
+        r, c = (int(i) for i in missed.nonzero()[0])
+        raise VNMFormatError(
+            f"weight of shape {tuple(weight.shape)} is not {spec}-sparse: {int(missed.sum())} non-zeros do not fit "
+            f"the pattern (first at row {r}, column {c}); prune it first (venom_hf.format.make_mask)"
+        )
+    return mask
+
+
+def check_mask(mask: torch.Tensor, spec: VNMSpec | str) -> None:
+    """Raise VNMFormatError unless ``mask`` (bool, R x K) has exactly the V:N:M structure of ``spec``.
+
+    Each row keeps exactly min(N, width) entries of each group (width = M, or K % M for a last partial
+    group) and each V x M block uses at most ``spec.kept_columns`` distinct columns.
+    """
+    spec = VNMSpec.parse(spec)
+    _check_matrix(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise VNMFormatError(f"mask must be torch.bool, got {mask.dtype}")
+    R, K = mask.shape
+    rb, g = math.ceil(R / spec.v), math.ceil(K / spec.m)
+    padded = F.pad(mask, (0, g * spec.m - K, 0, rb * spec.v - R)).view(rb, spec.v, g, spec.m)
+    widths = torch.full((g,), spec.m, device=mask.device)
+    widths[-1] = K - (g - 1) * spec.m
+    per_row = padded.sum(-1)[:, :, :]  # (Rb, V, G)
+    want = widths.clamp(max=spec.n)
+    rows_real = torch.arange(rb * spec.v, device=mask.device).view(rb, spec.v) < R
+    bad = (per_row != want) & rows_real[..., None]
+    if bool(bad.any()):
+        b, r, gg = (int(i) for i in bad.nonzero()[0])
+        raise VNMFormatError(
+            f"mask is not {spec}: row {b * spec.v + r} keeps {int(per_row[b, r, gg])} entries in column group {gg} "
+            f"(columns {gg * spec.m}..{min(K, (gg + 1) * spec.m) - 1}), expected {int(want[gg])}"
+        )
+    used = padded.any(1).sum(-1)  # (Rb, G)
+    bad = used > spec.kept_columns
+    if bool(bad.any()):
+        b, gg = (int(i) for i in bad.nonzero()[0])
+        raise VNMFormatError(
+            f"mask is not {spec}: block of rows {b * spec.v}..{min(R, (b + 1) * spec.v) - 1} x column group {gg} "
+            f"uses {int(used[b, gg])} distinct columns, at most {spec.kept_columns} allowed"
+        )
+
+
+# --------------------------------------------------------------------------------------------- packing
+@dataclass
+class PackedVNM:
+    """A V:2:M weight in the canonical packed layout of docs/format.md."""
+
+    values: torch.Tensor  # (Rp, Gp, 2) weight dtype
+    columns: torch.Tensor  # (Rb, Gp, 4) uint8, ascending, in [0, M)
+    meta: torch.Tensor  # (Rp, Gp) uint8: pos0 | pos1 << 2
+    shape: tuple[int, int]  # original (out_features, in_features)
+    spec: VNMSpec
+
+    def to(self, *args, **kwargs) -> "PackedVNM":
+        """Move to a device; a dtype argument casts ``values`` only (indices stay uint8)."""
+        values = self.values.to(*args, **kwargs)
+        device = values.device
+        return PackedVNM(values, self.columns.to(device), self.meta.to(device), self.shape, self.spec)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.columns, self.meta))
+
+
+_logged_padding: set = set()
+
+
+def _fill_to(selected: torch.Tensor, count: int) -> torch.Tensor:
+    """selected: bool (..., W) with at most ``count`` True. Returns (..., count) ascending indices: the
+    selected ones, completed with the lowest unselected indices."""
+    w = selected.shape[-1]
+    key = (~selected).to(torch.int64) * w + torch.arange(w, device=selected.device)
+    return key.topk(count, dim=-1, largest=False).indices.sort(-1).values
+
+
+def pack(weight: torch.Tensor, spec: VNMSpec | str, mask: torch.Tensor | None = None) -> PackedVNM:
+    """Pack ``weight`` (R, K) with a V:2:M ``mask`` (default: ``make_mask(weight, spec)``).
+
+    Entries outside the mask are dropped (they are zero in ``unpack``). Shapes that are not multiples
+    of V (rows) or M (columns) are padded; ``unpack`` and ``vnm_linear`` slice the padding back off.
+    """
+    spec = VNMSpec.parse(spec)
+    if not spec.packable:
+        raise VNMFormatError(f"only V:2:M can be packed (mma.sp runs 2:4), got {spec}; keep N > 2 as a mask")
+    _check_matrix(weight, "weight")
+    _check_float_finite(weight, "weight")
+    if mask is None:
+        mask = make_mask(weight, spec)
+    else:
+        if mask.shape != weight.shape:
+            raise VNMFormatError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+    check_mask(mask, spec)
+    R, K = weight.shape
+    shapes = packed_shapes(R, K, spec)
+    rp, gp, _ = shapes["values"]
+    rb = shapes["columns"][0]
+    if (rp, gp * spec.m) != (R, K) and (R, K, str(spec)) not in _logged_padding:
+        _logged_padding.add((R, K, str(spec)))
+        logger.info(
+            "venom_hf: padding a %dx%d weight to %dx%d for %s (stored groups are a multiple of 8); "
+            "outputs are sliced back",
+            R, K, rp, gp * spec.m, spec,
+        )
+    wm = torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
+    wm = F.pad(wm, (0, gp * spec.m - K, 0, rp - R)).view(rb, spec.v, gp, spec.m)
+    mk = F.pad(mask, (0, gp * spec.m - K, 0, rp - R)).view(rb, spec.v, gp, spec.m)
+    columns = _fill_to(mk.any(1), 4)  # (Rb, Gp, 4)
+    cols_rows = columns[:, None].expand(rb, spec.v, gp, 4)
+    in4 = mk.gather(-1, cols_rows)  # (Rb, V, Gp, 4)
+    pos = _fill_to(in4, 2)  # (Rb, V, Gp, 2)
+    values = wm.gather(-1, cols_rows.gather(-1, pos))
+    meta = pos[..., 0] | (pos[..., 1] << 2)
+    return PackedVNM(
+        values=values.reshape(rp, gp, 2).contiguous(),
+        columns=columns.to(torch.uint8).contiguous(),
+        meta=meta.reshape(rp, gp).to(torch.uint8).contiguous(),
+        shape=(R, K),
+        spec=spec,
+    )
+
+
+def unpack_tensors(values, columns, meta, shape, spec) -> torch.Tensor:
+    """Dense (R, K) weight from the canonical packed tensors (the exact inverse of ``pack``)."""
+    spec = VNMSpec.parse(spec)
+    R, K = shape
+    rp, gp, _ = values.shape
+    rb = columns.shape[0]
+    pos = torch.stack([meta & 3, (meta >> 2) & 3], -1).long().view(rb, spec.v, gp, 2)
+    cols = columns.long()[:, None].expand(rb, spec.v, gp, 4).gather(-1, pos)  # (Rb, V, Gp, 2) in [0, M)
+    dense = torch.zeros(rb, spec.v, gp, spec.m, dtype=values.dtype, device=values.device)
+    # scatter_add: two kept values never share a column (pos0 < pos1), and padding adds exact zeros
+    dense.scatter_add_(-1, cols, values.view(rb, spec.v, gp, 2))
+    return dense.view(rp, gp * spec.m)[:R, :K]
+
+
+def unpack(packed: PackedVNM) -> torch.Tensor:
+    """Dense (R, K) weight with zeros at pruned positions."""
+    return unpack_tensors(packed.values, packed.columns, packed.meta, packed.shape, packed.spec)
+
+
+def validate_tensors(values, columns, meta, shape, spec, *, prefix: str = "", check_values: bool = True) -> None:
+    """Check packed tensors against the format (shapes, dtypes, index ranges, padding); raise a
+    VNMFormatError naming the offending tensor. ``prefix`` is prepended to tensor names in messages."""
+    spec = VNMSpec.parse(spec)
+    if not spec.packable:
+        raise VNMFormatError(f"packed weights must be V:2:M, got {spec}")
+    R, K = shape
+    want = packed_shapes(R, K, spec)
+    for name, t in (("values", values), ("columns", columns), ("meta", meta)):
+        if not isinstance(t, torch.Tensor):
+            raise VNMFormatError(f"{prefix}{name}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != want[name]:
+            raise VNMFormatError(
+                f"{prefix}{name}: shape {tuple(t.shape)} does not match a {R}x{K} weight in {spec} "
+                f"(expected {want[name]})"
+            )
+    if values.dtype not in _FLOAT_DTYPES:
+        raise VNMFormatError(f"{prefix}values: dtype {values.dtype} is not a floating dtype")
+    for name, t in (("columns", columns), ("meta", meta)):
+        if t.dtype != torch.uint8:
+            raise VNMFormatError(f"{prefix}{name}: dtype must be torch.uint8, got {t.dtype}")
+    if values.device.type == "meta":
+        return
+    c = columns.long()
+    if bool((c >= spec.m).any()):
+        raise VNMFormatError(f"{prefix}columns: {int((c >= spec.m).sum())} indices out of range [0, {spec.m})")
+    if bool((c[..., 1:] <= c[..., :-1]).any()):
+        raise VNMFormatError(f"{prefix}columns: the 4 column indices of a block must be strictly ascending")
+    mt = meta.long()
+    p0, p1 = mt & 3, (mt >> 2) & 3
+    if bool((mt >> 4).any()) or bool((p0 >= p1).any()):
+        raise VNMFormatError(
+            f"{prefix}meta: {int(((mt >> 4) != 0).sum() + (p0 >= p1).sum())} entries are not a valid 2:4 nibble "
+            "(pos0 < pos1 <= 3, upper 4 bits zero)"
+        )
+    if check_values:
+        if not bool(torch.isfinite(values).all()):
+            raise VNMFormatError(f"{prefix}values: {int((~torch.isfinite(values)).sum())} non-finite entries")
+        rb, gp = columns.shape[:2]
+        absolute = c + torch.arange(gp, device=c.device)[:, None] * spec.m  # (Rb, Gp, 4)
+        pos = torch.stack([p0, p1], -1).view(rb, spec.v, gp, 2)
+        col_of_value = absolute[:, None].expand(rb, spec.v, gp, 4).gather(-1, pos).reshape(values.shape)
+        pad = col_of_value >= K
+        pad[R:] = True
+        if bool((values[pad] != 0).any()):
+            raise VNMFormatError(f"{prefix}values: non-zero values stored in padding (rows >= {R} or columns >= {K})")
+
+
+def validate(packed: PackedVNM) -> None:
+    """Raise VNMFormatError if ``packed`` is corrupt (shapes, dtypes, index ranges, padding)."""
+    validate_tensors(packed.values, packed.columns, packed.meta, packed.shape, packed.spec)
+
+
+# --------------------------------------------------------------------------------------------- reference
+def vnm_linear(x: torch.Tensor, packed: PackedVNM, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference ``y = x @ W^T + bias`` for a packed weight, on any device: x (..., K) -> (..., R).
+
+    Exactly ``F.linear(x, weight * mask, bias)``: the weight is unpacked and multiplied densely.
+    """
+    R, K = packed.shape
+    if x.shape[-1] != K:
+        raise VNMFormatError(f"input has {x.shape[-1]} features, the packed weight expects {K} (shape {R}x{K})")
+    if bias is not None and tuple(bias.shape) != (R,):
+        raise VNMFormatError(f"bias must have shape ({R},), got {tuple(bias.shape)}")
+    w = unpack(packed).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
