@@ -399,7 +399,7 @@ def unpack_tensors(values, columns, meta, shape, spec) -> torch.Tensor:
     dense = torch.zeros(rb, spec.v, gp, spec.m, dtype=values.dtype, device=values.device)
     # scatter_add: two kept values never share a column (pos0 < pos1), and padding adds exact zeros
     dense.scatter_add_(-1, cols, values.view(rb, spec.v, gp, 2))
-    return dense.view(rp, gp * spec.m)[:R, :K]
+    return dense.view(rp, gp * spec.m)[:R, :K].contiguous()
 
 
 def unpack(packed: PackedVNM) -> torch.Tensor:
