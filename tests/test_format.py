@@ -23,7 +23,8 @@ from venom_hf.format import (
     vnm_linear,
 )
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI must not flake; the 40 examples per property still span many shapes and specs
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def brute_force_structure(mask: torch.Tensor, spec: VNMSpec):
