@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from venom_hf.format import (
@@ -23,8 +23,6 @@ from venom_hf.format import (
     vnm_linear,
 )
 
-# derandomize: CI must not flake; the 40 examples per property still span many shapes and specs
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def brute_force_structure(mask: torch.Tensor, spec: VNMSpec):
@@ -85,7 +83,6 @@ def test_spec_errors_name_the_rule(bad, words):
 
 
 # ------------------------------------------------------------------------------------------------- masks
-@SETTINGS
 @given(shapes_and_specs(), st.integers(0, 2**31 - 1))
 def test_mask_structure_random(shape_spec, seed):
     R, K, spec = shape_spec
@@ -172,7 +169,6 @@ def test_check_mask_errors():
 
 
 # ------------------------------------------------------------------------------------------------- pack
-@SETTINGS
 @given(shapes_and_specs(packable=True), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_pack_unpack_identity(shape_spec, seed, dtype):
     R, K, spec = shape_spec
@@ -255,7 +251,6 @@ def test_validate_names_the_corrupt_tensor(corrupt, words):
 
 
 # ------------------------------------------------------------------------------------------------- reference
-@SETTINGS
 @given(shapes_and_specs(packable=True), st.integers(0, 2**31 - 1), st.integers(1, 9), st.booleans())
 def test_reference_exact_in_float64(shape_spec, seed, tokens, with_bias):
     R, K, spec = shape_spec
