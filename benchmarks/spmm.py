@@ -1,0 +1,267 @@
+"""Benchmark: Spatha V:2:M SpMM (venom_hf.kernels.spmm) vs cuBLAS dense F.linear vs cuSPARSELt 2:4.
+
+All three are timed in the same run with CUDA-graph replay (20 calls per graph, median of 15 replays),
+and every Spatha case is checked against a float64 reference before it is timed. Writes
+``spmm.json``, ``spmm.md`` (tables) and ``spmm.png`` (plot) into --out.
+
+    PYTHONPATH=src python benchmarks/spmm.py --out out/ [--quick] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from venom_hf import format as vf
+from venom_hf import kernels
+from venom_hf.kernels import configs, ops
+
+SHAPES = {
+    "bert.qkvo 768x768": (768, 768),
+    "bert.up 3072x768": (3072, 768),
+    "bert.down 768x3072": (768, 3072),
+    "llama7b.qkvo 4096x4096": (4096, 4096),
+    "llama7b.up 11008x4096": (11008, 4096),
+    "llama7b.down 4096x11008": (4096, 11008),
+    "smollm2.qo 576x576": (576, 576),
+    "smollm2.kv 192x576": (192, 576),
+    "smollm2.up 1536x576": (1536, 576),
+    "smollm2.down 576x1536": (576, 1536),
+}
+TOKENS = [1, 16, 128, 512, 2048, 8192]
+DEV = torch.device("cuda")
+
+
+def random_vnm_mask(R, K, v, m, gen):
+    rb, g = math.ceil(R / v), math.ceil(K / m)
+    cols = torch.rand(rb, g, m, generator=gen, device=DEV).topk(4, -1).indices
+    pick = torch.rand(rb, v, g, 4, generator=gen, device=DEV).topk(2, -1).indices
+    absolute = cols[:, None].expand(rb, v, g, 4).gather(-1, pick) + torch.arange(g, device=DEV)[:, None] * m
+    mask = torch.zeros(rb * v, g * m, dtype=torch.bool, device=DEV)
+    mask.scatter_(1, absolute.reshape(rb * v, -1), True)
+    return mask[:R, :K].contiguous()
+
+
+def time_graph(fn, inner=20, reps=15) -> float:
+    """Median microseconds per call, CUDA-graph replay of ``inner`` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / inner)
+    del g
+    return statistics.median(ts)
+
+
+def sparse24(w):
+    """A 2:4 version of w (keep the 2 largest of every 4) and its cuSPARSELt tensor (or None)."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    R, K = w.shape
+    g = w.view(R, K // 4, 4)
+    idx = g.abs().topk(2, -1).indices
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).view(R, K)
+    w24 = torch.where(mask, w, torch.zeros_like(w))
+    try:
+        return w24, to_sparse_semi_structured(w24)
+    except Exception as e:  # shape not supported
+        print(f"  cuSPARSELt: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+        return w24, None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--quick", action="store_true", help="fp16 only, fewer specs")
+    ap.add_argument("--sweep", action="store_true", help="time every tile config on a few cases first")
+    ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
+    ap.add_argument("--tokens", default="", help="comma-separated token counts")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kernels.require_available()
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}, torch {torch.__version__}, SMs {torch.cuda.get_device_properties(0).multi_processor_count}")
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
+    shapes = {k: v for k, v in SHAPES.items() if not args.shapes or any(s in k for s in args.shapes.split(","))}
+    if args.quick:
+        plan = [(torch.float16, ["64:2:8", "64:2:16", "64:2:32", "128:2:8"])]
+    else:
+        plan = [
+            (torch.float16, ["64:2:8", "64:2:16", "64:2:32", "128:2:8"]),
+            (torch.bfloat16, ["64:2:8", "64:2:16"]),
+        ]
+    rows = []
+    sweep = []
+    if args.sweep:
+        for (R, K), T, spec in [((4096, 4096), 2048, "64:2:8"), ((4096, 4096), 2048, "64:2:16"),
+                                ((11008, 4096), 16, "64:2:8"), ((4096, 4096), 1, "64:2:8"), ((768, 768), 16, "64:2:8"),
+                                ((768, 768), 128, "64:2:8"), ((768, 3072), 512, "64:2:8"), ((11008, 4096), 64, "64:2:8")]:
+            s = vf.VNMSpec.parse(spec)
+            w = torch.randn(R, K, device=DEV, generator=gen).half()
+            p = vf.pack(w, s, mask=random_vnm_mask(R, K, s.v, s.m, gen))
+            x = torch.randn(T, K, device=DEV, generator=gen).half()
+            dense_us = time_graph(lambda: F.linear(x, w))
+            for c in configs.CONFIGS:
+                if s.v % c.wm:
+                    continue
+                fn = lambda c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R, config=c.name)
+                us = time_graph(fn)
+                sweep.append(dict(R=R, K=K, T=T, spec=spec, config=c.name, us=us, dense_us=dense_us))
+                print(f"sweep {R}x{K} T={T} {spec} {c.name:9s} {us:8.1f} us  dense {dense_us:8.1f}  x{dense_us/us:.2f}")
+    t0 = time.time()
+    for dtype, specs in plan:
+        for name, (R, K) in shapes.items():
+            w = (torch.randn(R, K, device=DEV, generator=gen) / math.sqrt(K)).to(dtype)
+            w24, w24s = sparse24(w)
+            packed = {}
+            for spec in specs:
+                s = vf.VNMSpec.parse(spec)
+                p = vf.pack(w, s, mask=random_vnm_mask(R, K, s.v, s.m, gen))
+                packed[spec] = (s, p, vf.unpack(p).double())
+            for T in tokens:
+                x = torch.randn(T, K, device=DEV, generator=gen).to(dtype)
+                dense_us = time_graph(lambda: F.linear(x, w))
+                cusparselt_us = None
+                if w24s is not None:
+                    try:
+                        y24 = F.linear(x, w24s)
+                        e24 = ((y24.double() - x.double() @ w24.double().T).norm() / (x.double() @ w24.double().T).norm()).item()
+                        if e24 < 2e-2:
+                            cusparselt_us = time_graph(lambda: F.linear(x, w24s))
+                    except Exception as e:
+                        print(f"  cuSPARSELt failed {name} T={T}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
+                for spec, (s, p, wd) in packed.items():
+                    y = kernels.spmm(x, p.values, p.columns, p.meta, None, s.v, s.m, R)
+                    ref = x.double() @ wd.T
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    ok = bool(torch.isfinite(y).all()) and err < (4e-3 if dtype == torch.float16 else 2e-2)
+                    us = time_graph(lambda: kernels.spmm(x, p.values, p.columns, p.meta, None, s.v, s.m, R)) if ok else None
+                    cfg, kw, split, _ = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, 132, 227 * 1024)
+                    wbytes = sum(t.numel() * t.element_size() for t in (p.values, p.columns, p.meta))
+                    xbytes = T * K * x.element_size() + T * R * x.element_size()
+                    row = dict(
+                        card=card, dtype=str(dtype)[6:], layer=name, R=R, K=K, T=T, spec=spec, ok=ok, rel_err=err,
+                        spatha_us=us, dense_us=dense_us, cusparselt_us=cusparselt_us,
+                        x_dense=(dense_us / us) if us else None,
+                        x_cusparselt=(cusparselt_us / us) if (us and cusparselt_us) else None,
+                        config=f"{cfg.name}/kw{kw}" if cfg else None, split=split,
+                        spatha_gbps=((wbytes + xbytes) / us / 1e3) if us else None,
+                        spatha_dense_equiv_tflops=(2 * T * R * K / us / 1e6) if us else None,
+                    )
+                    rows.append(row)
+                    print(
+                        f"{row['dtype']:8s} {name:26s} T={T:5d} {spec:8s} ok={ok} err={err:.1e} "
+                        f"spatha {us or float('nan'):8.1f}us dense {dense_us:8.1f}us "
+                        f"2:4 {cusparselt_us or float('nan'):8.1f}us  x{row['x_dense'] or 0:.2f} [{row['config']}/{split}]",
+                        flush=True,
+                    )
+    print(f"benchmark took {time.time() - t0:.0f} s")
+    (out / "spmm.json").write_text(json.dumps(dict(card=card, torch=torch.__version__, rows=rows, sweep=sweep), indent=1))
+    md = tables(rows, card)
+    (out / "spmm.md").write_text(md)
+    print(md)
+    try:
+        plot(rows, out / "spmm.png", card)
+    except Exception as e:
+        print(f"plot failed: {e}")
+
+
+def tables(rows, card) -> str:
+    lines = [f"Card: **{card}**. Cells: Spatha speedup over cuBLAS dense `F.linear` (x) / over cuSPARSELt 2:4 "
+             "(same run, CUDA-graph replay, median). `-`: not run or failed.\n"]
+    for dtype in sorted({r["dtype"] for r in rows}):
+        toks = sorted({r["T"] for r in rows})
+        lines.append(f"\n### {dtype}\n")
+        lines.append("| layer | spec | " + " | ".join(f"{t} tok" for t in toks) + " |")
+        lines.append("|---|---|" + "---|" * len(toks))
+        keys = []
+        for r in rows:
+            k = (r["layer"], r["spec"])
+            if r["dtype"] == dtype and k not in keys:
+                keys.append(k)
+        for layer, spec in keys:
+            cells = []
+            for t in toks:
+                rr = [r for r in rows if r["dtype"] == dtype and r["layer"] == layer and r["spec"] == spec and r["T"] == t]
+                if not rr or rr[0]["x_dense"] is None:
+                    cells.append("-")
+                else:
+                    r = rr[0]
+                    c = f"{r['x_dense']:.2f}"
+                    c += f" / {r['x_cusparselt']:.2f}" if r["x_cusparselt"] else " / -"
+                    cells.append(c)
+            lines.append(f"| {layer} | {spec} | " + " | ".join(cells) + " |")
+        lines.append("\nAbsolute times (us), Spatha | cuBLAS | cuSPARSELt:\n")
+        lines.append("| layer | spec | " + " | ".join(f"{t} tok" for t in toks) + " |")
+        lines.append("|---|---|" + "---|" * len(toks))
+        for layer, spec in keys:
+            cells = []
+            for t in toks:
+                rr = [r for r in rows if r["dtype"] == dtype and r["layer"] == layer and r["spec"] == spec and r["T"] == t]
+                if not rr:
+                    cells.append("-")
+                    continue
+                r = rr[0]
+                f = lambda v: f"{v:.1f}" if v else "-"
+                cells.append(f"{f(r['spatha_us'])} \\| {f(r['dense_us'])} \\| {f(r['cusparselt_us'])}")
+            lines.append(f"| {layer} | {spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path, card):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    n = len(layers)
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(n / cols)), squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        for spec in dict.fromkeys(r["spec"] for r in rows):
+            rr = [r for r in rows if r["layer"] == layer and r["spec"] == spec and r["dtype"] == "float16" and r["x_dense"]]
+            if rr:
+                ax.plot([r["T"] for r in rr], [r["x_dense"] for r in rr], marker="o", label=f"Spatha {spec}")
+        rr = [r for r in rows if r["layer"] == layer and r["spec"] == "64:2:8" and r["dtype"] == "float16" and r["cusparselt_us"]]
+        if rr:
+            ax.plot([r["T"] for r in rr], [r["dense_us"] / r["cusparselt_us"] for r in rr], "k--", label="cuSPARSELt 2:4")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("x over cuBLAS")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"V:2:M SpMM speedup over dense cuBLAS, fp16, {card}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Run-time compilation of the CUDA sources in ``csrc/`` with NVRTC (through cuda-python), a disk and
+in-memory cache of the CUBINs, and kernel launch with ``cuLaunchKernel``.
+
+* Compiles to CUBIN for the concrete ``sm_XX`` of the device (a CUBIN from a newer NVRTC loads on an
+  older driver; PTX would not).
+* Disk cache: ``$VENOM_HF_CACHE`` or ``$XDG_CACHE_HOME/venom_hf`` (default ``~/.cache/venom_hf``); key =
+  sha256(source + headers + options + arch + NVRTC version + requested instances).
+* The NVRTC log is shown in the exception on a compile error.
+* Launch: on the given stream handle (the caller passes ``torch.cuda.current_stream().cuda_stream``);
+  nothing here synchronizes or allocates, so launches can be captured in CUDA graphs.
+
+Nothing in this module imports torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+_LOCK = threading.RLock()
+
+
+class NVRTCUnavailable(RuntimeError):
+    pass
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+def _import_cuda():
+    """(nvrtc, driver) modules of cuda-python, new (cuda.bindings, >= 12.6) or old layout."""
+    try:
+        from cuda.bindings import driver, nvrtc  # type: ignore
+
+        return nvrtc, driver
+    except ImportError:
+        pass
+    try:
+        from cuda import cuda as driver  # type: ignore
+        from cuda import nvrtc  # type: ignore
+
+        return nvrtc, driver
+    except ImportError as e:
+        raise NVRTCUnavailable(
+            "venom_hf's CUDA kernels need NVRTC through cuda-python: `pip install cuda-python "
+            f"nvidia-cuda-nvrtc` (import failed: {e})"
+        ) from e
+
+
+def nvrtc_available() -> bool:
+    try:
+        nvrtc, _ = _import_cuda()
+        err, _, _ = nvrtc.nvrtcVersion()
+        return int(err) == 0
+    except Exception:
+        return False
+
+
+def nvrtc_version() -> tuple[int, int]:
+    nvrtc, _ = _import_cuda()
+    err, major, minor = nvrtc.nvrtcVersion()
+    if int(err) != 0:
+        raise NVRTCUnavailable(f"nvrtcVersion failed: {err}")
+    return int(major), int(minor)
+
+
+def csrc_dir() -> Path:
+    """Folder of the CUDA sources: $VENOM_HF_CSRC, the package's csrc/ (package data), or the repo's."""
+    env = os.environ.get("VENOM_HF_CSRC")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent  # venom_hf/
+    for cand in (here / "csrc", here.parent.parent / "csrc"):
+        if (cand / "spatha.cuh").exists():
+            return cand
+    raise FileNotFoundError("venom_hf: cannot find the CUDA sources (csrc/spatha.cuh); set VENOM_HF_CSRC")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("VENOM_HF_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "venom_hf"
+
+
+def _check_nvrtc(nvrtc, res, what, prog=None):
+    err = res[0] if isinstance(res, tuple) else res
+    if int(err) != 0:
+        msg = f"NVRTC {what} failed: {err}"
+        raise CompileError(msg)
+    return res[1:] if isinstance(res, tuple) and len(res) > 1 else None
+
+
+def _program_log(nvrtc, prog) -> str:
+    err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    if int(err) != 0 or size <= 1:
+        return ""
+    buf = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, buf)
+    return buf.decode(errors="replace").rstrip("\x00").strip()
+
+
+def compile_cubin(
+    source: str,
+    name_expressions: list[str],
+    arch: str,
+    options: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    filename: str = "spatha.cu",
+) -> tuple[bytes, dict[str, str], str]:
+    """Compile ``source`` to a CUBIN for ``arch`` (e.g. "sm_90"). Returns (cubin, {expr: lowered}, log)."""
+    nvrtc, _ = _import_cuda()
+    headers = headers or {}
+    hnames = [k.encode() for k in headers]
+    hsrcs = [v.encode() for v in headers.values()]
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), len(headers), hsrcs, hnames)
+    if int(err) != 0:
+        raise CompileError(f"nvrtcCreateProgram failed: {err}")
+    try:
+        for expr in name_expressions:
+            _check_nvrtc(nvrtc, nvrtc.nvrtcAddNameExpression(prog, expr.encode()), f"AddNameExpression({expr})")
+        opts = [f"--gpu-architecture={arch}", "--std=c++17", *(options or [])]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        log = _program_log(nvrtc, prog)
+        if int(err) != 0:
+            raise CompileError(f"NVRTC failed to compile {filename} for {arch} (options {opts}):\n{log}")
+        err, size = nvrtc.nvrtcGetCUBINSize(prog)
+        if int(err) != 0:
+            raise CompileError(f"nvrtcGetCUBINSize failed: {err}")
+        cubin = b" " * size
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        if int(err) != 0:
+            raise CompileError(f"nvrtcGetCUBIN failed: {err}")
+        lowered = {}
+        for expr in name_expressions:
+            err, name = nvrtc.nvrtcGetLoweredName(prog, expr.encode())
+            if int(err) != 0:
+                raise CompileError(f"nvrtcGetLoweredName({expr}) failed: {err}")
+            lowered[expr] = name.decode() if isinstance(name, bytes) else str(name)
+        return bytes(cubin), lowered, log
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _source_and_headers() -> tuple[str, dict[str, str]]:
+    d = csrc_dir()
+    source = (d / "spatha.cu").read_text()
+    headers = {"spatha.cuh": (d / "spatha.cuh").read_text()}
+    return source, headers
+
+
+def cached_cubin(name_expressions: list[str], arch: str, options: list[str] | None = None):
+    """(cubin, lowered names), from the disk cache or freshly compiled (then stored)."""
+    source, headers = _source_and_headers()
+    options = list(options or [])
+    ver = nvrtc_version()
+    h = hashlib.sha256()
+    for part in (source, *headers.keys(), *headers.values(), *options, arch, f"nvrtc{ver}", *name_expressions):
+        h.update(part.encode())
+        h.update(b"\0")
+    key = h.hexdigest()[:32]
+    d = cache_dir()
+    cub_path, names_path = d / f"spatha-{arch}-{key}.cubin", d / f"spatha-{arch}-{key}.json"
+    if cub_path.exists() and names_path.exists():
+        try:
+            lowered = json.loads(names_path.read_text())
+            if set(lowered) == set(name_expressions):
+                return cub_path.read_bytes(), lowered
+        except Exception:
+            pass
+    cubin, lowered, _ = compile_cubin(source, name_expressions, arch, options, headers)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for path, data in ((cub_path, cubin), (names_path, json.dumps(lowered).encode())):
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir only costs a recompile next time
+    return cubin, lowered
+
+
+# --------------------------------------------------------------------------------------------- driver
+def _check_cu(driver, res, what):
+    err = res[0] if isinstance(res, tuple) else res
+    if int(err) != 0:
+        try:
+            _, s = driver.cuGetErrorString(err)
+            s = s.decode() if isinstance(s, bytes) else s
+        except Exception:
+            s = ""
+        raise RuntimeError(f"CUDA driver call {what} failed: {err} {s}")
+    if isinstance(res, tuple):
+        return res[1] if len(res) == 2 else res[1:]
+    return None
+
+
+class Module:
+    """A loaded CUBIN on one device: functions by name expression."""
+
+    def __init__(self, cubin: bytes, lowered: dict[str, str], device_index: int):
+        _, driver = _import_cuda()
+        self._driver = driver
+        _check_cu(driver, driver.cuInit(0), "cuInit")
+        ctx = _check_cu(driver, driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if ctx is None or int(ctx) == 0:
+            dev = _check_cu(driver, driver.cuDeviceGet(device_index), "cuDeviceGet")
+            ctx = _check_cu(driver, driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            _check_cu(driver, driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self._cubin = cubin  # keep alive
+        self.module = _check_cu(driver, driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+        dev = _check_cu(driver, driver.cuDeviceGet(device_index), "cuDeviceGet")
+        self.max_smem = int(
+            _check_cu(
+                driver,
+                driver.cuDeviceGetAttribute(
+                    driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev
+                ),
+                "cuDeviceGetAttribute",
+            )
+        )
+        self.functions = {}
+        for expr, name in lowered.items():
+            f = _check_cu(driver, driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({expr})")
+            self.functions[expr] = f
+        self._smem_set: dict[str, int] = {}
+
+    def launch(self, expr: str, grid, block, smem: int, stream: int, param_struct) -> None:
+        driver = self._driver
+        f = self.functions[expr]
+        if smem > 48 * 1024 and self._smem_set.get(expr, 0) < smem:
+            if smem > self.max_smem:
+                raise RuntimeError(f"kernel {expr} needs {smem} B of shared memory, the device allows {self.max_smem}")
+            _check_cu(
+                driver,
+                driver.cuFuncSetAttribute(
+                    f, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem
+                ),
+                "cuFuncSetAttribute(max dynamic smem)",
+            )
+            self._smem_set[expr] = smem
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(param_struct))
+        _check_cu(
+            driver,
+            driver.cuLaunchKernel(
+                f, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, driver.CUstream(stream),
+                ctypes.addressof(args), 0,
+            ),
+            f"cuLaunchKernel({expr})",
+        )
+
+
+_MODULES: dict[tuple, Module] = {}
+
+
+def get_module(name_expressions: list[str], arch: str, device_index: int, options: list[str] | None = None) -> Module:
+    key = (tuple(name_expressions), arch, device_index, tuple(options or ()))
+    mod = _MODULES.get(key)
+    if mod is None:
+        with _LOCK:
+            mod = _MODULES.get(key)
+            if mod is None:
+                cubin, lowered = cached_cubin(name_expressions, arch, options)
+                mod = Module(cubin, lowered, device_index)
+                _MODULES[key] = mod
+    return mod

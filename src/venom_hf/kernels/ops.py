@@ -1,0 +1,246 @@
+"""``torch.ops.venom.spmm``: y = x @ W^T (+ bias) for a V:2:M weight in the canonical packed layout.
+
+The CUDA path runs the Spatha kernel of csrc/spatha.cuh (built by NVRTC, see nvrtc.py) directly on the
+canonical tensors of docs/format.md (no re-layout, no cache of derived tensors). Everything else
+(CPU, fp32, compute capability < 8.0, no NVRTC, V not a multiple of 16, ...) runs the reference of
+venom_hf.format (unpack + F.linear).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..format import VNMSpec, unpack_tensors
+from . import configs as _cfg
+from . import nvrtc as _nvrtc
+
+
+class _SpmmParams(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        ("columns", ctypes.c_void_p),
+        ("meta", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("ws", ctypes.c_void_p),
+        ("ldx", ctypes.c_longlong),
+        ("ldy", ctypes.c_longlong),
+        ("T", ctypes.c_int),
+        ("K", ctypes.c_int),
+        ("R", ctypes.c_int),
+        ("Rp", ctypes.c_int),
+        ("Gp", ctypes.c_int),
+        ("V", ctypes.c_int),
+        ("M", ctypes.c_int),
+        ("steps_per_split", ctypes.c_int),
+        ("nsplit", ctypes.c_int),
+    ]
+
+
+class _ReduceParams(ctypes.Structure):
+    _fields_ = [
+        ("ws", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("ldy", ctypes.c_longlong),
+        ("T", ctypes.c_int),
+        ("R", ctypes.c_int),
+        ("nsplit", ctypes.c_int),
+    ]
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_DEV_INFO: dict[int, tuple[str, int, int]] = {}
+
+
+def _device_info(index: int) -> tuple[str, int, int]:
+    """(arch, SM count, max opt-in shared memory per block) of a CUDA device."""
+    info = _DEV_INFO.get(index)
+    if info is None:
+        p = torch.cuda.get_device_properties(index)
+        smem = int(getattr(p, "shared_memory_per_block_optin", 0) or 99 * 1024)
+        info = (f"sm_{p.major}{p.minor}", int(p.multi_processor_count), smem)
+        _DEV_INFO[index] = info
+    return info
+
+
+def is_available(device=None) -> bool:
+    """True when the Spatha CUDA kernel can run on ``device`` (default: the current CUDA device):
+    a CUDA GPU of compute capability >= 8.0 and NVRTC importable through cuda-python."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if dev.type != "cuda":
+        return False
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(idx) < (8, 0):
+        return False
+    return _nvrtc.nvrtc_available()
+
+
+def require_available(device=None) -> None:
+    """Raise a RuntimeError that says what is missing when the kernel cannot run."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("venom_hf Spatha kernel: no CUDA device (torch.cuda.is_available() is False)")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    cc = torch.cuda.get_device_capability(idx)
+    if cc < (8, 0):
+        raise RuntimeError(f"venom_hf Spatha kernel needs compute capability >= 8.0 (mma.sp), device has {cc}")
+    _nvrtc._import_cuda()  # raises NVRTCUnavailable with the install hint
+    if not _nvrtc.nvrtc_available():
+        raise _nvrtc.NVRTCUnavailable("cuda-python imports but NVRTC does not load: pip install nvidia-cuda-nvrtc")
+
+
+# --------------------------------------------------------------------------------------------- reference
+def spmm_reference(x, values, columns, meta, bias, v: int, m: int, out_features: int) -> torch.Tensor:
+    """unpack + F.linear in x's dtype (the CPU path and the fallback)."""
+    K = x.shape[-1]
+    w = unpack_tensors(values, columns, meta, (out_features, K), VNMSpec(v, 2, m)).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+def _cuda_supported(x, values, columns, meta, bias, v, m, out_features) -> bool:
+    if x.device.type != "cuda" or x.dtype not in _KERNEL_DTYPES or values.dtype != x.dtype:
+        return False
+    if not (values.device == columns.device == meta.device == x.device):
+        return False
+    if bias is not None and bias.device != x.device:
+        return False
+    if v % 16 != 0 or not (4 <= m <= 256) or x.shape[-1] < 1 or out_features < 1:
+        return False
+    Rp, Gp = values.shape[0], values.shape[1]
+    if Rp % v or Gp % 8 or Gp * m < x.shape[-1] or Rp < out_features:
+        return False
+    return is_available(x.device)
+
+
+def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None = None):
+    """(tile config, KW, split count, k-steps per split) for one call, or (None, ...) when no shipped
+    instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config."""
+    name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
+    B = _cfg.BY_NAME
+    if name:
+        order = [B[name]]
+    elif T <= 16:  # decode: stream the weight with many warps (sweep on H100, docs/perf-notes.md)
+        order = [B["decode16x8"], B["decode16"]]
+    else:
+        order = [B["huge64"], B["large64"], B["large32"], B["large16"]]
+    order += [B["decode16"]]
+    choice = None
+    for c in order:
+        if v % c.wm:
+            continue
+        for kw in [k for k in _cfg.KWS if k <= _cfg.kw_for(m)]:
+            if c.smem_bytes(m, kw) <= max_smem:
+                choice = (c, kw)
+                break
+        if choice:
+            break
+    if choice is None:
+        return None, 1, 1, 0
+    cfg, kw = choice
+    nsteps = Gp // 8
+    ctas = math.ceil(Rp / cfg.bm) * math.ceil(T / cfg.bn)
+    split = 1
+    if ctas < num_sms:
+        split = min(math.ceil(2 * num_sms / ctas), max(1, nsteps // (2 * kw)), 32)
+    steps = math.ceil(nsteps / split)
+    steps = math.ceil(steps / kw) * kw  # whole windows per split
+    split = math.ceil(nsteps / steps)
+    return cfg, kw, split, steps
+
+
+def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str | None = None):
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    T = x2.shape[0]
+    R = out_features
+    y = torch.empty((T, R), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y.view(*lead, R)
+    ldx = x2.stride(0) if T > 1 else ((K + 7) // 8) * 8
+    if ldx % 8 or x2.data_ptr() % 16:
+        # rare (K % 8 != 0 or an odd view): one padded copy so rows are 16-byte aligned
+        xp = torch.zeros((T, ((K + 7) // 8) * 8), dtype=x.dtype, device=x.device)
+        xp[:, :K] = x2
+        x2, ldx = xp, xp.stride(0)
+    values = values if values.is_contiguous() else values.contiguous()
+    columns = columns if columns.is_contiguous() else columns.contiguous()
+    meta = meta if meta.is_contiguous() else meta.contiguous()
+    if bias is not None:
+        bias = bias.to(x.dtype)
+        bias = bias if bias.is_contiguous() else bias.contiguous()
+    if values.data_ptr() % 16:
+        values = values.clone()
+    if columns.data_ptr() % 16:
+        columns = columns.clone()
+    if meta.data_ptr() % 16:
+        meta = meta.clone()
+    Rp, Gp = values.shape[0], values.shape[1]
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    arch, num_sms, max_smem = _device_info(idx)
+    cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config)
+    if cfg is None:
+        return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
+    bf16 = x.dtype == torch.bfloat16
+    ws = torch.empty((split, T, R), dtype=torch.float32, device=x.device) if split > 1 else None
+    with torch.cuda.device(idx):
+        stream = torch.cuda.current_stream(idx).cuda_stream
+        exprs = [cfg.expr(bf16, kw), _cfg.reduce_expr(bf16)]
+        mod = _nvrtc.get_module(exprs, arch, idx)
+        p = _SpmmParams(
+            x2.data_ptr(), values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
+            bias.data_ptr() if bias is not None else None, y.data_ptr(),
+            ws.data_ptr() if ws is not None else None,
+            ldx, R, T, K, R, Rp, Gp, v, m, steps, split,
+        )
+        grid = (math.ceil(Rp / cfg.bm), math.ceil(T / cfg.bn), split)
+        mod.launch(exprs[0], grid, (cfg.threads, 1, 1), cfg.smem_bytes(m, kw), stream, p)
+        if split > 1:
+            rp = _ReduceParams(ws.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), R, T, R, split)
+            n = T * R
+            blocks = min(math.ceil(n / 256), num_sms * 8)
+            mod.launch(exprs[1], (blocks, 1, 1), (256, 1, 1), 0, stream, rp)
+    return y.view(*lead, R)
+
+
+@torch.library.custom_op("venom::spmm", mutates_args=())
+def spmm_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    meta: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    v: int,
+    m: int,
+    out_features: int,
+) -> torch.Tensor:
+    if _cuda_supported(x, values, columns, meta, bias, v, m, out_features):
+        return _spmm_cuda(x, values, columns, meta, bias, v, m, out_features)
+    return spmm_reference(x, values, columns, meta, bias, v, m, out_features).contiguous()
+
+
+@spmm_op.register_fake
+def _spmm_fake(x, values, columns, meta, bias, v, m, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def spmm(x, values, columns, meta, bias, v: int, m: int, out_features: int) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for W (out_features x K, V:2:M) in the canonical packed layout.
+
+    x: (..., K) fp16/bf16 on CUDA for the kernel (any dtype/device via the reference); returns
+    (..., out_features) in x.dtype. values (Rp, Gp, 2), columns (Rb, Gp, 4) uint8, meta (Rp, Gp) uint8.
+    """
+    return torch.ops.venom.spmm(x, values, columns, meta, bias, int(v), int(m), int(out_features))

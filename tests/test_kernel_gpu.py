@@ -1,0 +1,233 @@
+"""GPU correctness of the Spatha kernel (torch.ops.venom.spmm) against a float64 reference.
+
+Fresh random inputs per case, the caching allocator's memory poisoned with NaN before each call (so
+an unwritten output element shows up), residues in every dimension, every shipped tile config, split-K,
+non-contiguous / 3-D inputs, bias, torch.compile and CUDA-graph capture. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from venom_hf import format as vf
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from venom_hf import kernels  # noqa: E402
+from venom_hf.kernels import configs, ops  # noqa: E402
+
+if not kernels.is_available():
+    pytest.skip("Spatha kernel unavailable (compute capability < 8.0 or no NVRTC)", allow_module_level=True)
+
+DEV = torch.device("cuda")
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # relative Frobenius error vs float64
+
+
+def random_vnm_mask(R: int, K: int, v: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """A random valid V:2:M mask (R, K): per V x M block 4 random columns, per row 2 of them."""
+    rb, g = math.ceil(R / v), math.ceil(K / m)
+    inside = (torch.arange(g, device=DEV)[:, None] * m + torch.arange(m, device=DEV)) < K  # (G, M)
+    cols = (torch.rand(rb, g, m, generator=gen, device=DEV) + inside).topk(4, -1).indices.sort(-1).values
+    cols_in = inside[None].expand(rb, g, m).gather(-1, cols)  # columns < K first (last partial group)
+    pick = (torch.rand(rb, v, g, 4, generator=gen, device=DEV) + cols_in[:, None]).topk(2, -1).indices
+    absolute = cols[:, None].expand(rb, v, g, 4).gather(-1, pick) + torch.arange(g, device=DEV)[:, None] * m
+    mask = torch.zeros(rb * v, g * m, dtype=torch.bool, device=DEV)
+    mask.scatter_(1, absolute.reshape(rb * v, -1), True)
+    return mask[:R, :K].contiguous()
+
+
+_PACKED: dict = {}
+
+
+def packed_weight(R, K, v, m, dtype, seed=0):
+    key = (R, K, v, m, dtype, seed)
+    if key not in _PACKED:
+        gen = torch.Generator(device=DEV).manual_seed(hash(key) % (2**31))
+        w = torch.randn(R, K, generator=gen, device=DEV).to(dtype)
+        mask = random_vnm_mask(R, K, v, m, gen)
+        p = vf.pack(w, f"{v}:2:{m}", mask=mask)
+        vf.validate(p)
+        _PACKED[key] = (p, vf.unpack(p).double())
+        if len(_PACKED) > 12:
+            _PACKED.pop(next(iter(_PACKED)))
+    return _PACKED[key]
+
+
+def poison():
+    """Fill free allocator memory with NaN so that outputs/workspaces start as NaN."""
+    free = torch.cuda.mem_get_info()[0]
+    n = min(256 << 20, free // 4) // 2
+    t = torch.empty(n, dtype=torch.float16, device=DEV).fill_(float("nan"))
+    del t
+
+
+def check(y, x, wd, bias, dtype, what=""):
+    ref = x.double() @ wd.T
+    if bias is not None:
+        ref = ref + bias.double()
+    assert y.dtype == dtype and y.shape == ref.shape, what
+    assert torch.isfinite(y).all(), f"{what}: {int((~torch.isfinite(y)).sum())} non-finite outputs"
+    err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[dtype], f"{what}: relative error {err:.3e}"
+    return err
+
+
+def run_case(R, K, v, m, dtype, T, bias=True, config=None, seed=0, x=None):
+    p, wd = packed_weight(R, K, v, m, dtype)
+    gen = torch.Generator(device=DEV).manual_seed(1000 + seed + T)
+    if x is None:
+        x = torch.randn(T, K, generator=gen, device=DEV).to(dtype)
+    b = torch.randn(R, generator=gen, device=DEV).to(dtype) if bias else None
+    poison()
+    if config is None:
+        y = kernels.spmm(x, p.values, p.columns, p.meta, b, v, m, R)
+    else:
+        y = ops._spmm_cuda(x, p.values, p.columns, p.meta, b, v, m, R, config=config)
+    torch.cuda.synchronize()
+    return check(y, x, wd, b, dtype, f"R={R} K={K} {v}:2:{m} {dtype} T={tuple(x.shape[:-1])} cfg={config}")
+
+
+# --- layer shapes x token counts (sampled: each case gets one (V, M, dtype) of a fixed cycle) ---------
+SHAPES = [
+    (768, 768), (3072, 768), (768, 3072),  # BERT-base
+    (4096, 4096), (11008, 4096), (4096, 11008),  # Llama-7B
+    (576, 576), (192, 576), (1536, 576), (576, 1536),  # SmolLM2-135M
+]
+TOKENS = [1, 7, 16, 33, 128, 1000, 4096]
+VMD = list(itertools.product([64, 128], [4, 8, 16, 32], [torch.float16, torch.bfloat16]))
+
+
+def _layer_cases():
+    cases = []
+    i = 0
+    for (R, K), T in itertools.product(SHAPES, TOKENS):
+        if T == 4096 and R * K > 4096 * 4096 and (R, K) != (11008, 4096):
+            continue  # keep the run short: one big Llama prefill case
+        v, m, dt = VMD[i % len(VMD)]
+        i += 1
+        cases.append(pytest.param(R, K, v, m, dt, T, id=f"{R}x{K}-{v}:2:{m}-{str(dt)[6:]}-T{T}"))
+    return cases
+
+
+@pytest.mark.parametrize("R,K,v,m,dtype,T", _layer_cases())
+def test_layer_shapes(R, K, v, m, dtype, T):
+    run_case(R, K, v, m, dtype, T, bias=(T % 2 == 1 or R == 576))
+
+
+# --- every V/M/dtype on small odd shapes (row padding, K % M != 0, K % 8 != 0) --------------------------
+@pytest.mark.parametrize("v", [16, 32, 64, 128])
+@pytest.mark.parametrize("m", [4, 8, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_all_v_m(v, m, dtype):
+    for (R, K), T in [((200, 264), 1), ((200, 300), 33), ((136, 520), 130)]:
+        run_case(R, K, v, m, dtype, T, bias=True)
+
+
+# --- every shipped tile config, forced, with residues and split-K ----------------------------------------
+@pytest.mark.parametrize("cfg", [c.name for c in configs.CONFIGS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_config(cfg, dtype):
+    c = configs.BY_NAME[cfg]
+    v = 128 if 128 % c.wm == 0 else c.wm
+    for R, K, m, T in [(576, 576, 8, 5), (1536, 576, 16, 77), (768, 3072, 8, 200), (320, 1000, 32, 3)]:
+        run_case(R, K, v, m, dtype, T, bias=True, config=cfg)
+
+
+def test_split_k_used_and_exact():
+    cfg, kw, split, steps = ops.choose_config(1, 4096, 512, 64, 8, 132, 227 * 1024)
+    assert split > 1
+    run_case(4096, 4096, 64, 8, torch.float16, 1)
+
+
+# --- layouts ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_noncontiguous_and_3d(dtype):
+    R, K, v, m = 768, 768, 64, 8
+    p, wd = packed_weight(R, K, v, m, dtype)
+    b = torch.randn(R, device=DEV).to(dtype)
+    wide = torch.randn(37, K + 64, device=DEV).to(dtype)
+    for x in (
+        wide[:, 16 : 16 + K],  # row stride K+64, offset 16 elements
+        wide[:, 8 : 8 + K],  # offset 8 elements (16-byte aligned)
+        wide[:, 3 : 3 + K],  # misaligned: one padded copy
+        torch.randn(4, 9, K, device=DEV).to(dtype),  # 3-D
+        torch.randn(K, 21, device=DEV).to(dtype).t(),  # column-major (transposed) input
+        torch.randn(2, 3, 5, K, device=DEV).to(dtype)[:, 1],  # 3-D non-contiguous view
+    ):
+        poison()
+        y = kernels.spmm(x, p.values, p.columns, p.meta, b, v, m, R)
+        torch.cuda.synchronize()
+        assert y.shape == (*x.shape[:-1], R)
+        check(y.reshape(-1, R), x.reshape(-1, K), wd, b, dtype, f"layout {tuple(x.shape)} {x.stride()}")
+
+
+def test_bias_is_applied_per_output_feature():
+    R, K, v, m, dtype = 256, 512, 64, 8, torch.float16
+    p, wd = packed_weight(R, K, v, m, dtype)
+    x = torch.zeros(5, K, device=DEV, dtype=dtype)
+    b = torch.randn(R, device=DEV).to(dtype)
+    y = kernels.spmm(x, p.values, p.columns, p.meta, b, v, m, R)
+    torch.testing.assert_close(y, b.expand(5, R), rtol=0, atol=0)
+
+
+def test_fallback_fp32_matches_reference():
+    R, K, v, m = 128, 256, 64, 8
+    p, wd = packed_weight(R, K, v, m, torch.float32)
+    x = torch.randn(9, K, device=DEV)
+    y = kernels.spmm(x, p.values, p.columns, p.meta, None, v, m, R)
+    torch.testing.assert_close(y.double(), x.double() @ wd.T, rtol=1e-4, atol=1e-4)
+
+
+# --- torch.compile and CUDA graphs ------------------------------------------------------------------------
+def test_torch_compile():
+    R, K, v, m, dtype = 1536, 576, 64, 8, torch.bfloat16
+    p, wd = packed_weight(R, K, v, m, dtype)
+    b = torch.randn(R, device=DEV).to(dtype)
+
+    def f(x):
+        return torch.relu(kernels.spmm(x, p.values, p.columns, p.meta, b, v, m, R)) * 2
+
+    cf = torch.compile(f, fullgraph=True)
+    for T in (3, 64, 300):
+        x = torch.randn(2, T, K, device=DEV).to(dtype)
+        torch.testing.assert_close(cf(x), f(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("T", [1, 16, 512])
+def test_cuda_graph_capture(T):
+    R, K, v, m, dtype = 4096, 4096, 64, 16, torch.float16
+    p, wd = packed_weight(R, K, v, m, dtype)
+    b = torch.randn(R, device=DEV).to(dtype)
+    xs = torch.randn(T, K, device=DEV).to(dtype)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            kernels.spmm(xs, p.values, p.columns, p.meta, b, v, m, R)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = kernels.spmm(xs, p.values, p.columns, p.meta, b, v, m, R)
+    for _ in range(3):
+        xs.copy_(torch.randn(T, K, device=DEV).to(dtype))
+        ys.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        check(ys, xs, wd, b, dtype, f"graph T={T}")
+
+
+def test_deterministic():
+    R, K, v, m, dtype = 4096, 4096, 128, 8, torch.bfloat16
+    p, _ = packed_weight(R, K, v, m, dtype)
+    for T in (4, 700):
+        x = torch.randn(T, K, device=DEV).to(dtype)
+        y1 = kernels.spmm(x, p.values, p.columns, p.meta, None, v, m, R)
+        y2 = kernels.spmm(x, p.values, p.columns, p.meta, None, v, m, R)
+        assert torch.equal(y1, y2)
