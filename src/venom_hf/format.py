@@ -156,6 +156,16 @@ def _column_sets(n_candidates: int, k: int) -> torch.Tensor:
     return torch.tensor(list(itertools.combinations(range(n_candidates), k)), dtype=torch.long)
 
 
+@lru_cache(maxsize=None)
+def _set_pairs(n_candidates: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All column pairs (P, 2) and, for each k-set, the indices of its C(k, 2) pairs (C, C(k, 2))."""
+    pairs = list(itertools.combinations(range(n_candidates), 2))
+    index = {p: i for i, p in enumerate(pairs)}
+    sets = _column_sets(n_candidates, k).tolist()
+    of_set = [[index[(s[i], s[j])] for i, j in itertools.combinations(range(k), 2)] for s in sets]
+    return torch.tensor(pairs, dtype=torch.long), torch.tensor(of_set, dtype=torch.long)
+
+
 def _n_candidates(m: int, k: int) -> int:
     """Largest L <= m with C(L, k) <= MAX_COLUMN_SETS (at least k)."""
     if math.comb(m, k) <= MAX_COLUMN_SETS:
@@ -185,10 +195,15 @@ def _select_block_columns(S: torch.Tensor, spec: VNMSpec) -> torch.Tensor:
     keep_n = min(spec.n, k)
     best = torch.empty(rb * g, dtype=torch.long, device=S.device)
     chunk = max(1, _SEARCH_ELEMS // (v * n_sets * k))
+    if keep_n == 2:  # a row's best 2 inside a set is its best pair: a max over pair sums beats topk ~2x
+        pairs, pairs_of_set = (t.to(S.device) for t in _set_pairs(L, k))
     for s in range(0, rb * g, chunk):
         cs = cand_scores[s : s + chunk]  # (b, V, L)
-        vals = cs[:, :, sets]  # (b, V, C, k)
-        row_best = vals.topk(keep_n, dim=-1).values.sum(-1)  # (b, V, C): each row keeps its best N
+        if keep_n == 2:
+            pair_sums = cs[:, :, pairs[:, 0]] + cs[:, :, pairs[:, 1]]  # (b, V, P)
+            row_best = pair_sums[:, :, pairs_of_set].amax(-1)  # (b, V, C)
+        else:
+            row_best = cs[:, :, sets].topk(keep_n, dim=-1).values.sum(-1)  # (b, V, C): each row's best N
         best[s : s + chunk] = row_best.sum(1).argmax(-1)  # (b,)
     chosen = sets[best]  # (B, k) indices into the candidates
     if cand is not None:
