@@ -119,21 +119,33 @@ def main():
     rows = []
     sweep = []
     if args.sweep:
-        for (R, K), T, spec in [((4096, 4096), 2048, "64:2:8"), ((4096, 4096), 2048, "64:2:16"),
-                                ((11008, 4096), 16, "64:2:8"), ((4096, 4096), 1, "64:2:8"), ((768, 768), 16, "64:2:8"),
-                                ((768, 768), 128, "64:2:8"), ((768, 3072), 512, "64:2:8"), ((11008, 4096), 64, "64:2:8")]:
+        cases = [((4096, 4096), 2048, "64:2:8"), ((4096, 4096), 2048, "64:2:16"), ((11008, 4096), 2048, "64:2:8"),
+                 ((4096, 4096), 2048, "128:2:8"), ((4096, 4096), 8192, "64:2:8"), ((4096, 4096), 512, "64:2:8"),
+                 ((4096, 4096), 128, "64:2:8"), ((11008, 4096), 64, "64:2:8"), ((768, 768), 128, "64:2:8"),
+                 ((768, 768), 2048, "64:2:8"), ((768, 3072), 512, "64:2:8"), ((3072, 768), 512, "64:2:16"),
+                 ((11008, 4096), 16, "64:2:8"), ((4096, 4096), 1, "64:2:8"), ((768, 768), 16, "64:2:8")]
+        for (R, K), T, spec in cases:
             s = vf.VNMSpec.parse(spec)
             w = torch.randn(R, K, device=DEV, generator=gen).half()
             p = vf.pack(w, s, mask=random_vnm_mask(R, K, s.v, s.m, gen))
             x = torch.randn(T, K, device=DEV, generator=gen).half()
             dense_us = time_graph(lambda: F.linear(x, w))
+            wd = vf.unpack(p).double()
+            if T > 16:
+                tr_us = time_graph(lambda: ops.transpose_kmajor(x))
+                print(f"sweep {R}x{K} T={T} transpose alone {tr_us:8.1f} us")
+                sweep.append(dict(R=R, K=K, T=T, spec=spec, config="transpose-only", us=tr_us, dense_us=dense_us))
             for c in configs.CONFIGS:
-                if s.v % c.wm:
+                if s.v % (c.bm if c.kernel == "kt" else c.wm):
+                    continue
+                if (T > 16) != (c.kernel == "kt" or c.name in ("large64", "huge64", "large32")):
                     continue
                 fn = lambda c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R, config=c.name)
+                y = fn()
+                err = ((y.double() - x.double() @ wd.T).norm() / (x.double() @ wd.T).norm()).item()
                 us = time_graph(fn)
-                sweep.append(dict(R=R, K=K, T=T, spec=spec, config=c.name, us=us, dense_us=dense_us))
-                print(f"sweep {R}x{K} T={T} {spec} {c.name:9s} {us:8.1f} us  dense {dense_us:8.1f}  x{dense_us/us:.2f}")
+                sweep.append(dict(R=R, K=K, T=T, spec=spec, config=c.name, us=us, dense_us=dense_us, rel_err=err))
+                print(f"sweep {R}x{K} T={T} {spec} {c.name:10s} {us:8.1f} us  dense {dense_us:8.1f}  x{dense_us/us:.2f} err {err:.1e}")
     t0 = time.time()
     for dtype, specs in plan:
         for name, (R, K) in shapes.items():

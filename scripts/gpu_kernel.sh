@@ -9,15 +9,28 @@ MODE=${MODE:-all}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, cuda.bindings, sys; from cuda.bindings import nvrtc; print('torch', torch.__version__, 'nvrtc', nvrtc.nvrtcVersion()[1:], 'py', sys.version.split()[0])"
 t0=$(date +%s)
-[[ $MODE != bench ]] && python3 - <<'PY'
-import time, torch
-t=time.time()
-from venom_hf.kernels import nvrtc, configs, ops
-arch = ops._device_info(0)[0]
+python3 - <<'PY'
+# Build every shipped instance (NVRTC, no CUDA context in the parent: forked workers compile in
+# parallel into the disk cache), then load each module on the GPU.
+import os, subprocess, time
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
+t = time.time()
+from venom_hf.kernels import nvrtc, configs
+cc = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True).stdout.split()[0]
+arch = "sm_" + cc.replace(".", "")
+jobs = []
 for bf16 in (False, True):
     for c in configs.CONFIGS:
-        for kw in configs.KWS:
-            nvrtc.get_module([c.expr(bf16, kw), configs.reduce_expr(bf16)], arch, 0)
+        for kw in c.kws:
+            jobs.append([c.expr(bf16, kw), configs.reduce_expr(bf16)] + ([configs.TRANSPOSE_EXPR] if c.kernel == "kt" else []))
+jobs.append([configs.TRANSPOSE_EXPR])
+with ProcessPoolExecutor(min(16, os.cpu_count() or 4)) as ex:
+    list(ex.map(nvrtc.cached_cubin, jobs, repeat(arch)))
+print(f"compiled {len(jobs)} modules for {arch} in {time.time()-t:.1f}s", flush=True)
+from venom_hf.kernels import ops
+for ex_ in jobs:
+    nvrtc.get_module(ex_, arch, 0)
 print(f"built + loaded all instances for {arch} in {time.time()-t:.1f}s")
 PY
 if [[ $MODE == smoke || $MODE == all || $MODE == test ]]; then

@@ -70,9 +70,17 @@ def test_choose_config_rules():
                 if cfg is None:  # the x span of one k-step does not fit shared memory: reference path
                     assert m > 128
                     continue
-                assert v % cfg.wm == 0
-                assert cfg.smem_bytes(m, kw) <= 227 * 1024
+                if cfg.kernel == "kt":  # v3 prefill kernel: the CTA's rows lie in one V-block
+                    assert T >= ops.KT_MIN_TOKENS and v % cfg.bm == 0 and kw == cfg.kw_fixed
+                    assert steps <= configs.KT_MAX_STEPS
+                    assert cfg.smem_bytes(m, kw, steps) <= 227 * 1024
+                else:
+                    assert v % cfg.wm == 0
+                    assert cfg.smem_bytes(m, kw) <= 227 * 1024
                 assert steps % kw == 0 and split * steps >= 512 // 8 > (split - 1) * steps
+    # long K: the kt kernel stages at most KT_MAX_STEPS k-steps of column indices per CTA (split-K)
+    cfg, kw, split, steps = ops.choose_config(4096, 4096, 8 * 1500, 64, 4, 132, 227 * 1024)
+    assert cfg.kernel == "kt" and steps <= configs.KT_MAX_STEPS and split * steps >= 1500
 
 
 def test_is_available_false_without_cuda():

@@ -140,6 +140,25 @@ def test_every_config(cfg, dtype):
         run_case(R, K, v, m, dtype, T, bias=True, config=cfg)
 
 
+def test_prefill_uses_kt_kernel():
+    for v in (32, 64, 128):
+        cfg, kw, split, steps = ops.choose_config(2048, 4096, 512, v, 8, 132, 227 * 1024)
+        assert cfg.kernel == "kt" and v % cfg.bm == 0
+        assert ops.choose_config(ops.KT_MIN_TOKENS - 1, 4096, 512, v, 8, 132, 227 * 1024)[0].kernel == "v2"
+
+
+@pytest.mark.parametrize("T", [1, 5, 64, 77, 130])
+@pytest.mark.parametrize("K", [8, 264, 300, 1000])
+def test_transpose_kmajor(T, K):
+    buf = torch.randn(T, ((K + 7) // 8) * 8 + 8, device=DEV).half()
+    x = buf[:, :K]  # row stride % 8 == 0, 16-byte aligned
+    xt = ops.transpose_kmajor(x)
+    torch.cuda.synchronize()
+    assert xt.shape == (K, ((T + 7) // 8) * 8)
+    assert torch.equal(xt[:, :T], x.t())
+    assert (xt[:, T:] == 0).all()
+
+
 def test_split_k_used_and_exact():
     cfg, kw, split, steps = ops.choose_config(1, 4096, 512, 64, 8, 132, 227 * 1024)
     assert split > 1

@@ -1,8 +1,14 @@
-"""Tile configurations of the Spatha kernel (the template instances that are shipped and compiled).
+"""Tile configurations of the Spatha kernels (the template instances that are shipped and compiled).
 
-A config is (WM, WN, WARPS_M, WARPS_N, STAGES) plus KW (k-steps per pipeline window, a template
-parameter chosen per call from M so that the x span per window stays ~256 columns); see
-csrc/spatha.cuh. CTA tile = (WM*WARPS_M) output features x (WN*WARPS_N) tokens. WM must divide V.
+A config is (WM, WN, WARPS_M, WARPS_N, STAGES) plus KW (k-steps per pipeline window); see
+csrc/spatha.cuh. CTA tile = (WM*WARPS_M) output features x (WN*WARPS_N) tokens.
+
+Two kernels:
+* ``v2`` (``spatha_spmm``): reads x as it is (row-major); KW is chosen per call from M so that the
+  x span per window stays ~256 columns. WM must divide V. Used for decode / few tokens.
+* ``kt`` (``spatha_spmm_kt``, v3): prefill. One transpose of x per call (``spatha_transpose``), then
+  16-byte gathers of the selected rows of x^T; KW is fixed per config (the B tile does not depend on
+  M). The CTA's rows lie in one V-block: BM must divide V.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ class TileConfig:
     warps_m: int
     warps_n: int
     stages: int
+    kernel: str = "v2"
+    kw_fixed: int = 0  # kt configs: the one KW they are built with
 
     @property
     def bm(self) -> int:
@@ -33,18 +41,28 @@ class TileConfig:
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
 
+    @property
+    def kws(self) -> tuple[int, ...]:
+        """The KW values this config is built with."""
+        return (self.kw_fixed,) if self.kernel == "kt" else KWS
+
     def stage_bytes(self, m: int, kw: int) -> int:
+        if self.kernel == "kt":  # KtLayout: B tile [KW*32][BN+8] halves + values + metadata
+            return kw * 32 * (self.bn + 8) * 2 + self.bm * (kw * 32 + 16) + self.bm * (kw * 8 + 8)
         xpitch = kw * 8 * m + 8
         return self.bn * xpitch * 2 + self.bm * (kw * 32 + 16) + self.bm * (kw * 8 + 8) + self.warps_m * kw * 32
 
-    def smem_bytes(self, m: int, kw: int) -> int:
-        return max(self.stages * self.stage_bytes(m, kw), self.bn * (self.bm + 8) * 2)
+    def smem_bytes(self, m: int, kw: int, steps: int = 0) -> int:
+        """Dynamic shared memory of one launch (kt: + the column indices of ``steps`` k-steps)."""
+        pipe = self.stages * self.stage_bytes(m, kw)
+        if self.kernel == "kt":
+            pipe += ((steps * 32 + 127) // 128) * 128
+        return max(pipe, self.bn * (self.bm + 8) * 2)
 
     def expr(self, bf16: bool, kw: int) -> str:
         b = "true" if bf16 else "false"
-        return (
-            f"venom::spatha_spmm<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}, {kw}>"
-        )
+        fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
+        return f"venom::{fn}<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}, {kw}>"
 
 
 # Shape classes: decode (<= 16 tokens), small (<= 64), prefill. Variants for V = 16 / 32.
@@ -58,6 +76,13 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("huge64", 64, 32, 4, 2, 3),
     TileConfig("large32", 32, 64, 4, 2, 2),
     TileConfig("large16", 16, 64, 4, 2, 2),
+    # v3 prefill (x^T gather): name = kt<BM>x<BN>[k<KW>]
+    TileConfig("kt64x128", 64, 32, 1, 4, 4, "kt", 1),
+    TileConfig("kt64x128k2", 64, 32, 1, 4, 3, "kt", 2),
+    TileConfig("kt64x256", 64, 64, 1, 4, 3, "kt", 1),
+    TileConfig("kt64x64", 64, 16, 1, 4, 4, "kt", 1),
+    TileConfig("kt128x128", 64, 64, 2, 2, 4, "kt", 1),
+    TileConfig("kt32x128", 32, 32, 1, 4, 4, "kt", 1),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -71,9 +96,14 @@ def reduce_expr(bf16: bool) -> str:
     return f"venom::spatha_splitk_reduce<{'true' if bf16 else 'false'}>"
 
 
+TRANSPOSE_EXPR = "venom::spatha_transpose"
+KT_MAX_STEPS = 512  # kt kernel: column indices of at most this many k-steps per CTA (16 KB smem)
+
+
 def all_name_expressions() -> list[str]:
     out = []
     for bf16 in (False, True):
-        out += [c.expr(bf16, kw) for c in CONFIGS for kw in KWS]
+        out += [c.expr(bf16, kw) for c in CONFIGS for kw in c.kws]
         out.append(reduce_expr(bf16))
+    out.append(TRANSPOSE_EXPR)
     return out

@@ -1,7 +1,8 @@
 """``torch.ops.venom.spmm``: y = x @ W^T (+ bias) for a V:2:M weight in the canonical packed layout.
 
 The CUDA path runs the Spatha kernel of csrc/spatha.cuh (built by NVRTC, see nvrtc.py) directly on the
-canonical tensors of docs/format.md (no re-layout, no cache of derived tensors). Everything else
+canonical tensors of docs/format.md (no weight re-layout, no cache of derived tensors). Prefill
+(> 64 tokens) makes one K-major copy of the activations per call (x^T, the v3 kt kernel). Everything else
 (CPU, fp32, compute capability < 8.0, no NVRTC, V not a multiple of 16, ...) runs the reference of
 venom_hf.format (unpack + F.linear).
 """
@@ -41,6 +42,17 @@ class _SpmmParams(ctypes.Structure):
         ("M", ctypes.c_int),
         ("steps_per_split", ctypes.c_int),
         ("nsplit", ctypes.c_int),
+    ]
+
+
+class _TransposeParams(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("xt", ctypes.c_void_p),
+        ("ldx", ctypes.c_longlong),
+        ("ldt", ctypes.c_longlong),
+        ("T", ctypes.c_int),
+        ("K", ctypes.c_int),
     ]
 
 
@@ -123,6 +135,36 @@ def _cuda_supported(x, values, columns, meta, bias, v, m, out_features) -> bool:
     return is_available(x.device)
 
 
+# Prefill (T > 16): from KT_MIN_TOKENS tokens the v3 kt kernel (x^T gather) first, by V; below that, and
+# where no kt config fits (V = 16), the v2 configs. Chosen from the H100 sweep of run 6
+# (benchmarks/spmm.py --sweep, docs/perf-notes.md): kt64x128k2 beat kt64x128 by 0-12 % in 9 of 11
+# cases (8 % slower on 768x768 / 128 tok), kt128x128 beat the 64-row tiles at V = 128 (200 vs 220 us),
+# v2 huge64 beat every kt config at 64 tokens (11008x4096: 44.7 vs 67.3 us), kt won from 128 tokens.
+KT_MIN_TOKENS = 65
+_PREFILL_KT = {128: ["kt128x128", "kt64x128k2"], 64: ["kt64x128k2"], 32: ["kt32x128"]}
+_PREFILL_V2 = ["huge64", "large64", "large32", "large16"]
+
+
+def _prefill_order(T: int, v: int, m: int) -> list:
+    B = _cfg.BY_NAME
+    kt = next((names for vv, names in _PREFILL_KT.items() if v % vv == 0), []) if T >= KT_MIN_TOKENS else []
+    return [B[n] for n in kt] + [B[n] for n in _PREFILL_V2]
+
+
+def _split(cfg, kw: int, T: int, Rp: int, nsteps: int, num_sms: int) -> tuple[int, int]:
+    """(split count, k-steps per split): split-K when the tiles alone leave SMs idle."""
+    ctas = math.ceil(Rp / cfg.bm) * math.ceil(T / cfg.bn)
+    split = 1
+    if ctas < num_sms:
+        split = min(math.ceil(2 * num_sms / ctas), max(1, nsteps // (2 * kw)), 32)
+    if cfg.kernel == "kt":
+        split = max(split, math.ceil(nsteps / _cfg.KT_MAX_STEPS))
+    steps = math.ceil(nsteps / split)
+    steps = math.ceil(steps / kw) * kw  # whole windows per split
+    split = math.ceil(nsteps / steps)
+    return split, steps
+
+
 def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None = None):
     """(tile config, KW, split count, k-steps per split) for one call, or (None, ...) when no shipped
     instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config."""
@@ -133,30 +175,47 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     elif T <= 16:  # decode: stream the weight with many warps (sweep on H100, docs/perf-notes.md)
         order = [B["decode16x8"], B["decode16"]]
     else:
-        order = [B["huge64"], B["large64"], B["large32"], B["large16"]]
+        order = _prefill_order(T, v, m)
     order += [B["decode16"]]
-    choice = None
+    nsteps = Gp // 8
     for c in order:
+        if c.kernel == "kt":
+            if v % c.bm:
+                continue
+            kw = c.kw_fixed
+            split, steps = _split(c, kw, T, Rp, nsteps, num_sms)
+            if steps > _cfg.KT_MAX_STEPS or c.smem_bytes(m, kw, steps) > max_smem:
+                continue
+            return c, kw, split, steps
         if v % c.wm:
             continue
         for kw in [k for k in _cfg.KWS if k <= _cfg.kw_for(m)]:
             if c.smem_bytes(m, kw) <= max_smem:
-                choice = (c, kw)
-                break
-        if choice:
-            break
-    if choice is None:
-        return None, 1, 1, 0
-    cfg, kw = choice
-    nsteps = Gp // 8
-    ctas = math.ceil(Rp / cfg.bm) * math.ceil(T / cfg.bn)
-    split = 1
-    if ctas < num_sms:
-        split = min(math.ceil(2 * num_sms / ctas), max(1, nsteps // (2 * kw)), 32)
-    steps = math.ceil(nsteps / split)
-    steps = math.ceil(steps / kw) * kw  # whole windows per split
-    split = math.ceil(nsteps / steps)
-    return cfg, kw, split, steps
+                split, steps = _split(c, kw, T, Rp, nsteps, num_sms)
+                return c, kw, split, steps
+    return None, 1, 1, 0
+
+
+def _launch_transpose(mod, expr: str, x2: torch.Tensor, ldx: int, stream: int) -> torch.Tensor:
+    """x2 (T, K) with row stride ldx -> x^T (K, roundup(T, 8)), padding tokens zero (spatha_transpose)."""
+    T, K = x2.shape
+    ldt = ((T + 7) // 8) * 8
+    xt = torch.empty((K, ldt), dtype=x2.dtype, device=x2.device)
+    tp = _TransposeParams(x2.data_ptr(), xt.data_ptr(), ldx, ldt, T, K)
+    mod.launch(expr, (math.ceil(K / 64), math.ceil(ldt / 64), 1), (256, 1, 1), 0, stream, tp)
+    return xt
+
+
+def transpose_kmajor(x: torch.Tensor) -> torch.Tensor:
+    """The v3 prefill transpose alone (for tests and benchmarks): x (T, K) fp16/bf16 CUDA, unit column
+    stride, ldx % 8 == 0 and 16-byte aligned -> x^T (K, roundup(T, 8))."""
+    T, K = x.shape
+    assert x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    arch = _device_info(idx)[0]
+    with torch.cuda.device(idx):
+        mod = _nvrtc.get_module([_cfg.TRANSPOSE_EXPR], arch, idx)
+        return _launch_transpose(mod, _cfg.TRANSPOSE_EXPR, x, x.stride(0), torch.cuda.current_stream(idx).cuda_stream)
 
 
 def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str | None = None):
@@ -195,19 +254,25 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
     if cfg is None:
         return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
     bf16 = x.dtype == torch.bfloat16
+    kt = cfg.kernel == "kt"
     ws = torch.empty((split, T, R), dtype=torch.float32, device=x.device) if split > 1 else None
     with torch.cuda.device(idx):
         stream = torch.cuda.current_stream(idx).cuda_stream
-        exprs = [cfg.expr(bf16, kw), _cfg.reduce_expr(bf16)]
+        exprs = [cfg.expr(bf16, kw), _cfg.reduce_expr(bf16)] + ([_cfg.TRANSPOSE_EXPR] if kt else [])
         mod = _nvrtc.get_module(exprs, arch, idx)
+        xk, ldk = x2, ldx
+        if kt:
+            # v3 prefill: one K-major copy x^T (K, roundup(T, 8)) per call, then 16-byte row gathers
+            xk = _launch_transpose(mod, exprs[2], x2, ldx, stream)
+            ldk = xk.stride(0)
         p = _SpmmParams(
-            x2.data_ptr(), values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
+            xk.data_ptr(), values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
             bias.data_ptr() if bias is not None else None, y.data_ptr(),
             ws.data_ptr() if ws is not None else None,
-            ldx, R, T, K, R, Rp, Gp, v, m, steps, split,
+            ldk, R, T, K, R, Rp, Gp, v, m, steps, split,
         )
         grid = (math.ceil(Rp / cfg.bm), math.ceil(T / cfg.bn), split)
-        mod.launch(exprs[0], grid, (cfg.threads, 1, 1), cfg.smem_bytes(m, kw), stream, p)
+        mod.launch(exprs[0], grid, (cfg.threads, 1, 1), cfg.smem_bytes(m, kw, steps), stream, p)
         if split > 1:
             rp = _ReduceParams(ws.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), R, T, R, split)
             n = T * R
