@@ -5,7 +5,7 @@ wrong kind, no GPU for the kernel benchmark) print one ``venom-hf: error: ...`` 
 without a traceback. Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is fast.
 
 The same commands are exposed as ``optimum-cli venom ...`` through optimum's ``optimum.commands.register``
-namespace (see ``src/optimum/commands/register/venom_hf.py``).
+namespace (``src/optimum/commands/register/venom_hf.py`` hands its arguments to :func:`main`).
 """
 
 from __future__ import annotations
@@ -347,7 +347,14 @@ def cmd_demo(args) -> int:
     ], ["checkpoint", "size", "vs dense"]))
     if dtype != torch.float32:
         print("(the dense original is fp32 on disk; the saved checkpoints are " + str(dtype)[6:] + ")")
-    print("the embeddings (12 MB of the 22.7M params) stay dense; the encoder Linears shrink to ~1/3")
+    sd = obs.state_dict()
+    packed_b = sum(t.numel() * t.element_size() for k, t in sd.items() if ".weight_" in k)
+    linear_b = sum(m.out_features * m.in_features for m in obs.modules() if isinstance(m, VNMSparseLinear)) * \
+        torch.finfo(dtype).bits // 8
+    emb_b = sum(t.numel() * t.element_size() for k, t in sd.items() if "embeddings" in k)
+    print(f"the {n_packed} pruned Linears: {_mb(linear_b)} dense -> {_mb(packed_b)} packed "
+          f"({packed_b / linear_b:.2f}x: values + 8-bit column indices + 2:4 metadata); "
+          f"the embeddings ({_mb(emb_b)}) stay dense")
 
     say(f"speed: forward of batch {args.bench_batch} x {args.seq_len} tokens, median of {args.repeats}")
     ids = tok(held_texts[: args.bench_batch] * (1 + args.bench_batch // max(1, len(held_texts))), truncation=True,
@@ -543,8 +550,9 @@ def cmd_bench(args) -> int:
             raise CLIError("the kernel benchmark needs a CUDA GPU (NVIDIA sm_80+; it times the Spatha kernel "
                            "against cuBLAS and cuSPARSELt) and torch sees none. `venom-hf bench model` runs on "
                            "CPU too (dense vs packed reference path)")
-    print(f"venom-hf bench {args.what}: running {os.path.relpath(script, os.getcwd())} {' '.join(rest)}".rstrip(),
-          flush=True)
+    shown = os.path.relpath(script)
+    shown = script if shown.startswith("..") else shown
+    print(f"venom-hf bench {args.what}: running {shown} {' '.join(rest)}".rstrip(), flush=True)
     src = os.path.join(REPO_ROOT, "src")
     if src not in sys.path:
         sys.path.insert(0, src)
@@ -631,9 +639,9 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="V:N:M (VENOM) sparsity for Hugging Face Transformers. V:N:M counts kept weights: "
+        prog=prog, description="V:N:M (VENOM) sparsity for Hugging Face Transformers. V:N:M counts kept weights: "
         "64:2:8 keeps 2 of every 8 (75% sparse).",
         epilog="Each command has --help. Exit codes: 0 ok, 2 usage or input error.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prune,eval,bench}")
@@ -649,18 +657,19 @@ def run_command(args) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, VNMFormatError) as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{getattr(args, 'prog', PROG)} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # e.g. an offline asset package that is not installed
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{getattr(args, 'prog', PROG)} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{getattr(args, 'prog', PROG)}: interrupted", file=sys.stderr)
         return 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
+    args.prog = prog
     return run_command(args)
 
 

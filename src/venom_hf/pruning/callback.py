@@ -16,7 +16,18 @@ How it hooks into the training loop (transformers 5.17-5.24, ``trainer_callback.
   uninterrupted one. ``state()`` (``ExportableState``) carries the JSON arguments and the log history.
 * ``on_train_end``: optional packing via ``venom_hf.hf.compress``.
 
-Single process only (no DDP / FSDP gradient gathering for the Fisher).
+Distributed data parallel (DDP, ``accelerate launch`` / ``torchrun``; see ``docs/distributed.md``):
+
+* The weight hooks see each rank's *local* micro-batch gradient (they run before DDP's bucket all-reduce, and
+  under ``no_sync`` for all but the last micro-batch of an accumulation). Under DDP the hook only stashes that
+  gradient; outside ``backward`` (``on_substep_end`` / ``on_pre_optimizer_step``) every Fisher layer's stash is
+  all-reduced and divided by the world size -- the same average DDP applies to ``.grad`` -- and that averaged
+  sample feeds the Fisher in the same chunks as a single-process run. One Fisher sample is therefore the
+  gradient of one *global* micro-batch (world_size x per-device batch), exactly the sample a single process
+  with that batch would take, and the Fisher is identical on every rank.
+* After each pruning step the masks are verified across ranks (an all-reduced checksum; a clear error if they
+  disagree) and the pruned weights are re-broadcast from rank 0 if their checksums differ at all.
+* FSDP, DeepSpeed and DTensor-sharded (tensor-parallel) parameters are refused in ``on_train_begin``.
 """
 
 from __future__ import annotations
@@ -107,6 +118,9 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
         self._last_step = 0
         self._pending_logs: dict = {}
         self._window_time = 0.0
+        self._pending: dict[str, list] = {}  # DDP: local (not yet all-reduced) gradient of this micro-batch
+        self._world = 1
+        self._rank_checks = 0  # DDP: cross-rank mask verifications done (one per pruning step)
 
     # -- ExportableState ----------------------------------------------------------------------------
     def state(self) -> dict:
@@ -132,7 +146,10 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
             mask = self._masks.get(name)
             if mask is not None:
                 grad = grad * mask.to(grad.dtype)
-            if self._collect and name in self._fisher:
+            if self._collect and name in self._fisher and self._world > 1:
+                # DDP: a local gradient; averaged over the ranks in _sync_pending (outside backward)
+                self._pending.setdefault(name, []).append(grad.detach().to(torch.float32).clone())
+            elif self._collect and name in self._fisher:
                 buf = self._buf.setdefault(name, [])
                 buf.append(grad.detach().to(torch.float32).clone())
                 if len(buf) >= self.fisher_block_size:
@@ -165,6 +182,52 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
         self._window_time = 0.0
         logger.info("venom_hf: Fisher window for step %d opened (%d layers, %.1f MiB of Fisher inverses)",
                     target_step, len(self._fisher), total / 2**20)
+
+    def _add_samples(self, name: str, samples: list) -> None:
+        buf = self._buf.setdefault(name, [])
+        buf.extend(samples)
+        if len(buf) >= self.fisher_block_size:
+            t0 = time.perf_counter()
+            self._fisher[name].update(torch.stack(buf))
+            buf.clear()
+            self._window_time += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _sync_pending(self):
+        """DDP: average this micro-batch's local gradients over the ranks and feed them to the Fisher.
+
+        Called on every rank at the same points (end of each micro-batch while a window collects), so the
+        collectives match. Layer order is the sorted names; a layer without a gradient on some rank counts as
+        zeros there (as DDP does for unused parameters), one that had none on any rank adds no sample."""
+        if self._world <= 1 or not self._collect:
+            return
+        import torch.distributed as dist
+
+        names = sorted(self._fisher)
+        if not names:
+            return
+        t0 = time.perf_counter()
+        dev = self._modules[names[0]].weight.device
+        present = torch.zeros(len(names), dtype=torch.float32, device=dev)
+        tensors, works = [], []
+        for i, n in enumerate(names):
+            got = self._pending.pop(n, None)
+            w = self._modules[n].weight
+            if got:
+                t = got[0] if len(got) == 1 else torch.stack(got).sum(0)  # several hook calls: .grad sums them
+                present[i] = 1.0
+            else:
+                t = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            tensors.append(t)
+            works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True))
+        dist.all_reduce(present, op=dist.ReduceOp.SUM)
+        for wk in works:
+            wk.wait()
+        self._pending = {}
+        self._window_time += time.perf_counter() - t0
+        for i, n in enumerate(names):
+            if present[i] > 0:
+                self._add_samples(n, [tensors[i].div_(self._world)])
 
     def _flush(self):
         for n, buf in self._buf.items():
@@ -206,6 +269,11 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
             if optimizer is not None:
                 _zero_moments(optimizer, w, self._masks[name])
         self._fisher, self._buf, self._collect, self._fisher_target = {}, {}, False, None
+        if self._pending:  # not expected: the Trainer syncs after every micro-batch
+            logger.warning("venom_hf: dropping unsynchronised gradient samples of %d layers", len(self._pending))
+        self._pending = {}
+        if self._world > 1:
+            self._verify_ranks(global_step)
         total = sum(m.weight.numel() for m in self._modules.values())
         zeros = sum(int((m.weight == 0).sum()) for m in self._modules.values())
         entry = {
@@ -220,6 +288,79 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
         logger.info("venom_hf: step %d pruned to %s (%s, %d grads): sparsity %.4f in %.2f s", global_step, spec,
                     self.method, n_grads, entry["sparsity"], entry["prune_time_s"])
         return entry
+
+    @torch.no_grad()
+    def _verify_ranks(self, global_step: int) -> None:
+        """DDP safety check after a pruning step: masks must agree on every rank (else a clear error on every
+        rank); the target weights are re-broadcast from rank 0 if their checksums differ at all (they
+        should not: identical Fisher and weights give identical OBS updates)."""
+        import torch.distributed as dist
+
+        names = sorted(self._modules)
+        if not names:
+            return
+        dev = self._modules[names[0]].weight.device
+        sums = torch.zeros(len(names), 4, dtype=torch.float64, device=dev)
+        for i, n in enumerate(names):
+            sums[i] = _checksums(self._masks[n], self._modules[n].weight.detach()).to(dev)
+        hi, lo = sums.clone(), sums.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        bad = [names[i] for i in range(len(names)) if not torch.equal(hi[i, :2], lo[i, :2])]
+        if bad:
+            raise RuntimeError(
+                f"venom_hf: V:N:M masks differ across DDP ranks after pruning step {global_step} in {len(bad)} "
+                f"layer(s), e.g. {bad[:3]}. The Fisher statistics or weights diverged between ranks; masks must "
+                f"be identical for data-parallel training (see docs/distributed.md).")
+        drift = [i for i in range(len(names)) if not torch.equal(hi[i, 2:], lo[i, 2:])]
+        if drift:
+            logger.warning("venom_hf: step %d: target weights differ across ranks in %d layer(s) after pruning; "
+                           "re-broadcasting them from rank 0", global_step, len(drift))
+            for i in drift:
+                dist.broadcast(self._modules[names[i]].weight.data, src=0)
+        self._rank_checks += 1
+
+    @staticmethod
+    def _check_parallelism(args, model) -> int:
+        """World size of a supported (single-process or DDP) run; refuse sharded data parallelism."""
+        reason = None
+        if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            reason = "FSDP"
+        elif getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+                "1", "true"):
+            reason = "DeepSpeed"
+        else:
+            try:
+                from accelerate.state import PartialState
+
+                if PartialState._shared_state:
+                    dt = str(PartialState().distributed_type)
+                    if "FSDP" in dt or "DEEPSPEED" in dt or "MEGATRON" in dt:
+                        reason = dt.split(".")[-1]
+            except Exception:  # pragma: no cover - accelerate always present with transformers' Trainer
+                pass
+        if reason is None and model is not None:
+            try:
+                from torch.distributed.tensor import DTensor
+            except ImportError:  # pragma: no cover
+                DTensor = ()
+            for p in model.parameters():
+                if isinstance(p, DTensor) or isinstance(p.data, DTensor):
+                    reason = "DTensor-sharded parameters (FSDP2 / tensor parallelism)"
+                    break
+                if hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter":
+                    reason = "sharded parameters (DeepSpeed ZeRO-3 / FSDP1)"
+                    break
+        if reason is not None:
+            raise NotImplementedError(
+                f"venom_hf: VNMPruningCallback does not support {reason} yet: masks, Fisher statistics and the "
+                "OBS update need each rank to hold full weights and gradients. Use DDP (plain `accelerate launch` "
+                "/ `torchrun`, no FSDP or DeepSpeed config) or a single process; see docs/distributed.md.")
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+        return 1
 
     def _restore(self, args, state, model):
         """Resume: masks (and a partial Fisher window) from the checkpoint; else masks from the zeros."""
@@ -258,6 +399,7 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
     # -- events -------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._reset_runtime()
+        self._world = self._check_parallelism(args, model)
         self._attach(model)
         self._last_step = state.global_step
         logger.info("venom_hf: V:N:M schedule %s (%s) on %d layers", self.schedule.describe(), self.method,
@@ -287,6 +429,12 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
             # count micro-batches of this step (capped at num_grads)
             self._collected += args.gradient_accumulation_steps
 
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._sync_pending()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._sync_pending()
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         with torch.no_grad():
             for name, mask in self._masks.items():
@@ -310,7 +458,8 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if not os.path.isdir(ckpt):
+        # DDP: the state is identical on every rank; write it once (per node with save_on_each_node)
+        if not getattr(args, "should_save", True) or not os.path.isdir(ckpt):
             return
         payload = {"masks": {n: m.cpu() for n, m in self._masks.items()},
                    "specs": {n: str(getattr(self._modules[n], "spec", "")) for n in self._masks}}
@@ -349,6 +498,25 @@ class VNMPruningCallback(TrainerCallback, ExportableState):
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         return dict(self._masks)
+
+
+@torch.no_grad()
+def _checksums(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(4,) float64: kept count and position-weighted sum of a mask (integers, exact in float64 whatever the
+    summation order), sum and position-weighted sum of the weight. Row chunks keep temporaries ~4M elements."""
+    R, K = weight.shape
+    out = torch.zeros(4, dtype=torch.float64, device=weight.device)
+    rows = max(1, (1 << 22) // max(1, K))
+    col = torch.arange(K, device=weight.device, dtype=torch.float64).remainder_(251).add_(1)
+    for r0 in range(0, R, rows):
+        m = mask[r0 : r0 + rows].to(device=weight.device, dtype=torch.float64)
+        w = weight[r0 : r0 + rows].to(torch.float64)
+        rw = torch.arange(r0, r0 + m.shape[0], device=weight.device, dtype=torch.float64).remainder_(257).add_(1)
+        out[0] += m.sum()
+        out[1] += ((m @ col) * rw).sum()
+        out[2] += w.sum()
+        out[3] += ((w @ col) * rw).sum()
+    return out
 
 
 def _zero_moments(optimizer, param: torch.Tensor, mask: torch.Tensor) -> None:
