@@ -141,6 +141,31 @@ __device__ __forceinline__ void cp_async_8(void* dst, const void* src, int bytes
 // ws[split][t][r]. Else: + bias in fp32, convert, stage [BN][BM+8] through shared memory (the caller's
 // pipeline buffers: all cp.async groups must be drained), 16-byte coalesced stores.
 // ---------------------------------------------------------------------------------------------
+// The multi-stage cp.async pipeline shared by both SpMM kernels: windows of KW k-steps are loaded
+// STAGES-1 ahead into a ring of shared-memory stages; the wait leaves STAGES-2 groups in flight, so the
+// stage being overwritten is always one whose compute finished before the preceding __syncthreads.
+template <int STAGES, int KW, class LoadStage, class ComputeStep>
+__device__ __forceinline__ void run_pipeline(int nwin, int nsteps, LoadStage& load_stage, ComputeStep& compute_step) {
+#pragma unroll
+  for (int w = 0; w < STAGES - 1; ++w) {
+    if (w < nwin) load_stage(w, w);
+    cp_async_commit();
+  }
+  for (int w = 0; w < nwin; ++w) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int nx = w + STAGES - 1;
+    if (nx < nwin) load_stage(nx, nx % STAGES);
+    cp_async_commit();
+    const int st = w % STAGES;
+    const int ns = min(KW, nsteps - w * KW);
+#pragma unroll
+    for (int s2 = 0; s2 < KW; ++s2)
+      if (s2 < ns) compute_step(st, s2);
+  }
+  cp_async_wait<0>();
+}
+
 template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N>
 __device__ __forceinline__ void store_tile(float (&acc)[WM / 16][WN / 8][4], const SpmmParams& p,
                                            int m0, int n0, int wm, int wn,
@@ -403,25 +428,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     }
   };
 
-  // ---- pipeline over windows ----
-#pragma unroll
-  for (int w = 0; w < STAGES - 1; ++w) {
-    if (w < nwin) load_stage(w, w);
-    cp_async_commit();
-  }
-  for (int w = 0; w < nwin; ++w) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    const int nx = w + STAGES - 1;
-    if (nx < nwin) load_stage(nx, nx % STAGES);
-    cp_async_commit();
-    const int st = w % STAGES;
-    const int ns = min(KW, nsteps - w * KW);
-#pragma unroll
-    for (int s2 = 0; s2 < KW; ++s2)
-      if (s2 < ns) compute_step(st, s2);
-  }
-  cp_async_wait<0>();
+  run_pipeline<STAGES, KW>(nwin, nsteps, load_stage, compute_step);
 
   store_tile<BF16, WM, WN, WARPS_M, WARPS_N>(acc, p, m0, n0, wm, wn, smem_raw);
 }
@@ -634,25 +641,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     }
   };
 
-  // ---- pipeline over windows ----
-#pragma unroll
-  for (int w = 0; w < STAGES - 1; ++w) {
-    if (w < nwin) load_stage(w, w);
-    cp_async_commit();
-  }
-  for (int w = 0; w < nwin; ++w) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    const int nx = w + STAGES - 1;
-    if (nx < nwin) load_stage(nx, nx % STAGES);
-    cp_async_commit();
-    const int st = w % STAGES;
-    const int ns = min(KW, nsteps - w * KW);
-#pragma unroll
-    for (int s2 = 0; s2 < KW; ++s2)
-      if (s2 < ns) compute_step(st, s2);
-  }
-  cp_async_wait<0>();
+  run_pipeline<STAGES, KW>(nwin, nsteps, load_stage, compute_step);
 
   store_tile<BF16, WM, WN, WARPS_M, WARPS_N>(acc, p, m0, n0, wm, wn, smem_raw);
 }
