@@ -150,3 +150,27 @@ def test_real_minilm_packed_equals_masked(tmp_path):
     assert state_dicts_equal(again.state_dict(), packed.state_dict()) == []
     with torch.no_grad():
         assert torch.equal(again(**batch).last_hidden_state, out)
+
+
+def test_compress_partial_model_without_config_reloads(tmp_path):
+    """compress() on a hand-built model where only some default targets are masked records exactly those
+    modules, so the packed checkpoint reloads (the other default targets stay plain Linear)."""
+    from transformers import AutoModelForCausalLM
+
+    import venom_hf
+    from hf_testutils import tiny_llama
+
+    model = tiny_llama()
+    venom_hf.prune(model, None, "64:2:8", method="magnitude", targets=["re:.*layers\\.0\\.mlp\\..*"], progress=False)
+    venom_hf.compress(model, progress=False)
+    packed = sorted(n for n, m in model.named_modules() if isinstance(m, venom_hf.VNMSparseLinear))
+    assert packed == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert sorted(n for n, m in reloaded.named_modules() if isinstance(m, venom_hf.VNMSparseLinear)) == packed
+    assert type(reloaded.get_submodule("model.layers.1.mlp.up_proj")) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, ref)

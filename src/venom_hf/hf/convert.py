@@ -155,7 +155,10 @@ def compress(model: nn.Module, *, progress: bool = True) -> nn.Module:
             logger.warning("venom_hf: compress() found no VNMMaskedLinear layer and no VNMConfig; nothing to do")
             return model
         specs = {model.get_submodule(n).spec for n in names}
-        cfg = VNMConfig(spec=str(next(iter(specs))) if len(specs) == 1 else "64:2:8", format="packed")
+        # Name exactly the converted modules: the default targets may cover layers that stayed dense,
+        # and a reload would then demand V:N:M structure from them.
+        cfg = VNMConfig(spec=str(next(iter(specs))) if len(specs) == 1 else "64:2:8", format="packed",
+                        targets=list(names))
         per = {n: str(model.get_submodule(n).spec) for n in names} if len(specs) > 1 else {}
         cfg.per_module.update(per)
     cfg.format = "packed"
