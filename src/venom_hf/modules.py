@@ -30,6 +30,7 @@ from .format import (
     unpack_tensors,
     validate_tensors,
 )
+from .kernels import spmm  # venom::spmm: the Spatha kernel on CUDA, the reference elsewhere
 
 __all__ = ["VNMMaskedLinear", "VNMSparseLinear", "pack_mask_bits", "unpack_mask_bits"]
 
@@ -191,26 +192,6 @@ class VNMMaskedLinear(nn.Linear):
 
 
 # --------------------------------------------------------------------------------------------- packed
-_spmm_impl = None
-
-
-def _reference_spmm(x, values, columns, meta, bias, v, m, out_features):
-    w = unpack_tensors(values, columns, meta, (out_features, x.shape[-1]), VNMSpec(v, 2, m))
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def _get_spmm():
-    global _spmm_impl
-    if _spmm_impl is None:
-        try:
-            from .kernels import spmm as impl  # venom::spmm custom op (CUDA) with a CPU reference fallback
-        except ImportError as e:  # the kernels package is optional while it is being built
-            logger.warning("venom_hf: venom_hf.kernels.spmm is unavailable (%s); using the dense reference", e)
-            impl = _reference_spmm
-        _spmm_impl = impl
-    return _spmm_impl
-
-
 class VNMSparseLinear(nn.Module):
     """Inference layer holding a V:2:M weight in the canonical packed layout (docs/format.md).
 
@@ -262,7 +243,7 @@ class VNMSparseLinear(nn.Module):
             name = getattr(self, "_vnm_name", "")
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
-        return _get_spmm()(x, self.weight_values, self.weight_columns, self.weight_meta, self.bias,
+        return spmm(x, self.weight_values, self.weight_columns, self.weight_meta, self.bias,
                            self._spec.v, self._spec.m, self.out_features)
 
     def extra_repr(self) -> str:
