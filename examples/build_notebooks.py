@@ -58,7 +58,8 @@ with the same data and steps is the reference. At the end the pruned model is pa
 
 Sizes (`VENOM_HF_NB_SIZE`, printed by the first cell): `small` (CI, 2 CPU cores): 48 training articles x
 32 tokens, 12 steps, only the first encoder block's 6 Linears pruned. `full`: all 36 encoder Linears, 480
-articles x 128 tokens, 2 epochs = 60 steps, accuracy on 120 held-out articles every 5 steps. Both are short
+articles x 128 tokens, 2 epochs = 60 steps (pruning steps 20 -> 40: the classifier learns first, then
+20 recovery steps), accuracy on 120 held-out articles every 5 steps. Both are short
 runs on a CPU, not the paper's recipe."""),
     ("code", SETUP),
     ("code", '''\
@@ -74,7 +75,7 @@ hf_logging.set_verbosity_error()
 CFG = {
     "small": dict(train=48, test=24, max_len=32, batch=8, epochs=2, eval_steps=2, start=1, end=4, num_grads=4,
                   targets=[r"re:.*encoder\.layer\.0\..*"]),
-    "full": dict(train=480, test=120, max_len=128, batch=16, epochs=2, eval_steps=5, start=5, end=30, num_grads=16,
+    "full": dict(train=480, test=120, max_len=128, batch=16, epochs=2, eval_steps=5, start=20, end=40, num_grads=16,
                  targets=None),
 }[SIZE]
 SPEC = "64:2:8"
