@@ -119,6 +119,37 @@ def bench_decoder(model, device, prompt=512, batch=1, new=32):
     return {"batch": batch, "prompt": prompt, "prefill_tok_s": batch * prompt / t_pre, "decode_tok_s": decode}
 
 
+@torch.no_grad()
+def bench_decode_step_graph(model, device, batch=1, replays=50):
+    """One decoder step of the whole stack for `batch` single-token sequences, captured once in a CUDA
+    graph and replayed: what the weights cost per generated token without Python / HF dispatch overhead
+    (eager `generate` on this card spends most of its time launching kernels). No KV cache (use_cache=False,
+    each sequence is 1 token), so attention is trivial and the linear layers dominate, as in decode."""
+    if device.type != "cuda":
+        return None
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model(input_ids=ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model(input_ids=ids, use_cache=False)
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(replays):
+        g.replay()
+    b.record()
+    b.synchronize()
+    t = a.elapsed_time(b) / 1e3 / replays
+    del g
+    return {"batch": batch, "step_ms": t * 1e3, "graph_decode_tok_s": batch / t}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["bert-large", "smollm2", "llama7b"])
@@ -153,6 +184,14 @@ def main(argv=None):
                     row["runs"] = [bench_encoder(model, device, s) for s in (128, 512)]
                 else:
                     row["runs"] = [bench_decoder(model, device)]
+                    for bs in (1, 8):
+                        try:
+                            r = bench_decode_step_graph(model, device, bs)
+                        except Exception as e:  # noqa: BLE001 - report, keep the eager numbers
+                            print(f"{mname} {fmt}: graph decode failed ({type(e).__name__}: {e})")
+                            r = None
+                        if r:
+                            row["runs"].append(r)
             except Exception as e:  # noqa: BLE001
                 print(f"{mname} {fmt}: failed ({type(e).__name__}: {e})")
                 continue
@@ -178,11 +217,14 @@ def markdown(results):
     dense = {}
     for r in results:
         for run in r["runs"]:
-            for key in ("tok_s", "prefill_tok_s", "decode_tok_s"):
+            for key in ("tok_s", "prefill_tok_s", "decode_tok_s", "graph_decode_tok_s"):
                 if key not in run:
                     continue
-                wl = (f"b{run['batch']}x{run['seq']}" if "seq" in run else
-                      ("prefill " if key == "prefill_tok_s" else "decode ") + f"b{run['batch']} p{run['prompt']}")
+                if key == "graph_decode_tok_s":
+                    wl = f"decode step b{run['batch']} (CUDA graph)"
+                else:
+                    wl = (f"b{run['batch']}x{run['seq']}" if "seq" in run else
+                          ("prefill " if key == "prefill_tok_s" else "decode ") + f"b{run['batch']} p{run['prompt']}")
                 k = (r["model"], wl)
                 if r["format"] == "dense":
                     dense[k] = run[key]
@@ -202,9 +244,10 @@ def plot(results, path):
     rows = {}
     for r in results:
         for run in r["runs"]:
-            for key in ("tok_s", "prefill_tok_s", "decode_tok_s"):
+            for key in ("tok_s", "prefill_tok_s", "decode_tok_s", "graph_decode_tok_s"):
                 if key in run:
-                    wl = f"{r['model']}\n" + (f"seq {run['seq']}" if "seq" in run else key.split("_")[0])
+                    wl = f"{r['model']}\n" + (f"seq {run['seq']}" if "seq" in run else
+                                               (f"graph b{run['batch']}" if key == "graph_decode_tok_s" else key.split("_")[0]))
                     rows.setdefault(wl, {})[r["format"]] = run[key]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     fmts = [f for f in FORMATS if any(f in v for v in rows.values())]

@@ -98,6 +98,8 @@ def main():
     ap.add_argument("--out", default="out")
     ap.add_argument("--quick", action="store_true", help="fp16 only, fewer specs")
     ap.add_argument("--sweep", action="store_true", help="time every tile config on a few cases first")
+    ap.add_argument("--sweep-set", default="all", choices=["all", "decode", "prefill"])
+    ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--tokens", default="", help="comma-separated token counts")
     args = ap.parse_args()
@@ -118,12 +120,23 @@ def main():
         ]
     rows = []
     sweep = []
+    default_cps = ops.STREAM_CTAS_PER_SM
     if args.sweep:
         cases = [((4096, 4096), 2048, "64:2:8"), ((4096, 4096), 2048, "64:2:16"), ((11008, 4096), 2048, "64:2:8"),
                  ((4096, 4096), 2048, "128:2:8"), ((4096, 4096), 8192, "64:2:8"), ((4096, 4096), 512, "64:2:8"),
                  ((4096, 4096), 128, "64:2:8"), ((11008, 4096), 64, "64:2:8"), ((768, 768), 128, "64:2:8"),
                  ((768, 768), 2048, "64:2:8"), ((768, 3072), 512, "64:2:8"), ((3072, 768), 512, "64:2:16"),
                  ((11008, 4096), 16, "64:2:8"), ((4096, 4096), 1, "64:2:8"), ((768, 768), 16, "64:2:8")]
+        decode = [((R, K), T, spec) for (R, K) in ((4096, 4096), (11008, 4096), (4096, 11008))
+                  for T in (1, 16) for spec in ("64:2:8", "64:2:16")]
+        decode += [((768, 768), 16, "64:2:8"), ((3072, 768), 16, "64:2:8"), ((576, 576), 1, "64:2:8"),
+                   ((4096, 4096), 8, "128:2:8"), ((4096, 4096), 16, "64:2:32")]
+        if args.sweep_set == "decode":
+            cases = decode
+        elif args.sweep_set == "all":
+            cases = cases + [c for c in decode if c not in cases]
+        else:
+            cases = [c for c in cases if c[1] > 16]
         for (R, K), T, spec in cases:
             s = vf.VNMSpec.parse(spec)
             w = torch.randn(R, K, device=DEV, generator=gen).half()
@@ -138,14 +151,30 @@ def main():
             for c in configs.CONFIGS:
                 if s.v % (c.bm if c.kernel == "kt" else c.wm):
                     continue
-                if (T > 16) != (c.kernel == "kt" or c.name in ("large64", "huge64", "large32")):
+                if T > 16 and not (c.kernel == "kt" or c.name in ("large64", "huge64", "large32")):
                     continue
-                fn = lambda c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R, config=c.name)
-                y = fn()
-                err = ((y.double() - x.double() @ wd.T).norm() / (x.double() @ wd.T).norm()).item()
-                us = time_graph(fn)
-                sweep.append(dict(R=R, K=K, T=T, spec=spec, config=c.name, us=us, dense_us=dense_us, rel_err=err))
-                print(f"sweep {R}x{K} T={T} {spec} {c.name:10s} {us:8.1f} us  dense {dense_us:8.1f}  x{dense_us/us:.2f} err {err:.1e}")
+                if T <= 16 and not (c.kernel == "stream" and T <= c.bn or c.name == "decode16x8"):
+                    continue
+                for cps in ((1.0, 2.0, 4.0) if c.kernel == "stream" else (None,)):
+                    if cps is not None:
+                        ops.STREAM_CTAS_PER_SM = cps
+                    fn = lambda c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R, config=c.name)
+                    y = fn()
+                    err = ((y.double() - x.double() @ wd.T).norm() / (x.double() @ wd.T).norm()).item()
+                    us = time_graph(fn)
+                    split = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m,
+                                              torch.cuda.get_device_properties(0).multi_processor_count, 227 * 1024,
+                                              c.name)[2]
+                    label = c.name + (f"@{cps:g}/s{split}" if cps is not None else "")
+                    wbytes = sum(t.numel() * t.element_size() for t in (p.values, p.columns, p.meta))
+                    sweep.append(dict(R=R, K=K, T=T, spec=spec, config=label, us=us, dense_us=dense_us, rel_err=err,
+                                      weight_tbps=wbytes / us / 1e6))
+                    print(f"sweep {R}x{K} T={T} {spec} {label:18s} {us:8.1f} us  dense {dense_us:8.1f}  "
+                          f"x{dense_us/us:.2f} err {err:.1e} weights {wbytes / us / 1e6:.2f} TB/s")
+                ops.STREAM_CTAS_PER_SM = default_cps
+    if args.sweep_only:
+        (out / "sweep.json").write_text(json.dumps(dict(card=card, torch=torch.__version__, sweep=sweep), indent=1))
+        return
     t0 = time.time()
     for dtype, specs in plan:
         for name, (R, K) in shapes.items():

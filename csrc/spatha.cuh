@@ -46,6 +46,8 @@ struct SpmmParams {
   int T, K, R, Rp, Gp, V, M;
   int steps_per_split;            // k-steps (8 groups each) per split
   int nsplit;
+  int* counters;                  // stream kernel, nsplit > 1: one arrival counter per row CTA (zero
+                                  // between launches: the last CTA of each row group resets its own)
 };
 
 struct ReduceParams {
@@ -448,10 +450,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 // =============================================================================================
 struct TransposeParams {
   const void* x;   // (T, ldx)
-  void* xt;        // (K, ldt)
+  void* xt;        // (Kp, ldt)
   long long ldx;
   long long ldt;
   int T, K;
+  int Kp;          // rows written (>= K; rows K..Kp-1 are zeros, so the kt gathers need no bounds checks)
 };
 
 // 64 (k) x 64 (token) tile per 256-thread CTA; 4-byte global loads/stores, coalesced (128 B / warp).
@@ -482,7 +485,7 @@ __global__ void __launch_bounds__(256) spatha_transpose(const TransposeParams p)
     const int tw = i & 31;
     const int kk = k0 + k;
     const int tt = t0 + 2 * tw;
-    if (kk < p.K && tt < p.ldt) {
+    if (kk < p.Kp && tt < p.ldt) {
       const unsigned v = static_cast<unsigned>(s[2 * tw][k]) | (static_cast<unsigned>(s[2 * tw + 1][k]) << 16);
       *reinterpret_cast<unsigned*>(xt + (long long)kk * p.ldt + tt) = v;
     }
@@ -575,6 +578,50 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     const int sw = w * KW;              // first local k-step of the window
     const int g0 = 8 * (s_begin + sw);  // first global group of the window
     const int nvalid = min(KW, nsteps - sw);
+    if (nvalid == KW) {
+      // Full window (all but possibly the last): x^T has Gp*M rows and ldt % BN == 0 (host), so no
+      // gather needs a bounds check; each thread owns one 16-byte token chunk and every NT/CPR-th k-row
+      // (compile-time trip counts: ~5 instructions per gather instead of ~25 in the generic loop).
+      constexpr int RPP = NT / CPR;  // k-rows per pass of the CTA
+      static_assert(NT % CPR == 0 && (KW * 32) % RPP == 0, "kt gather passes");
+      // 32-bit element offsets: the host keeps Kp * ldt < 2^31
+      static_assert(RPP <= 32 && 32 % RPP == 0 && RPP % 4 == 0, "kt gather rows per pass");
+      const int ch = tid & (CPR - 1);
+      const int kr0 = tid / CPR;  // < RPP: k-row kr0 + j*RPP = k-step (j*RPP)/32, row kr0 + (j*RPP)%32
+      const unsigned ldt2 = static_cast<unsigned>(p.ldx) * 2u;  // bytes per x^T row
+      const char* xb = reinterpret_cast<const char*>(xt + n0 + ch * 8);
+      unsigned short* bdst = bs + kr0 * L::BP + ch * 8;
+      const unsigned char* cw = cs + sw * 32 + kr0;
+      const int gb = g0 + (kr0 >> 2);
+#pragma unroll
+      for (int j = 0; j < KW * 32 / RPP; ++j) {
+        const int s = (j * RPP) >> 5;
+        const int rr = (j * RPP) & 31;  // compile-time part of the row
+        const unsigned gcol = static_cast<unsigned>((gb + 8 * s + (rr >> 2)) * M) + cw[s * 32 + rr];
+        cp_async_16(bdst + j * RPP * L::BP, xb + gcol * ldt2, 16);
+      }
+      constexpr int VCH = BM * KW * 2;  // 16-byte value chunks of the window
+#pragma unroll
+      for (int j = 0; j < (VCH + NT - 1) / NT; ++j) {
+        const int i = tid + j * NT;
+        if (VCH % NT == 0 || i < VCH) {
+          const int row = i / (KW * 2);
+          const int c = i % (KW * 2);
+          cp_async_16(as + row * L::AP + c * 16, vals8 + ((long long)(m0 + row) * p.Gp + g0 + 4 * c) * 4, 16);
+        }
+      }
+      constexpr int MCH = BM * KW;  // 8-byte metadata chunks of the window
+#pragma unroll
+      for (int j = 0; j < (MCH + NT - 1) / NT; ++j) {
+        const int i = tid + j * NT;
+        if (MCH % NT == 0 || i < MCH) {
+          const int row = i / KW;
+          const int c = i % KW;
+          cp_async_8(ms + row * L::MP + c * 8, p.meta + (long long)(m0 + row) * p.Gp + g0 + 8 * c, 8);
+        }
+      }
+      return;
+    }
     // B gather: KW*32 k-rows x CPR chunks of 16 bytes (8 tokens)
     for (int i = tid; i < nvalid * 32 * CPR; i += NT) {
       const int kr = i / CPR;
@@ -644,6 +691,318 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   run_pipeline<STAGES, KW>(nwin, nsteps, load_stage, compute_step);
 
   store_tile<BF16, WM, WN, WARPS_M, WARPS_N>(acc, p, m0, n0, wm, wn, smem_raw);
+}
+
+// =============================================================================================
+// v4 decode path (<= 16 tokens): spatha_spmm_stream -- the weight streams from HBM straight into
+// registers; nothing of it goes through shared memory.
+//
+// At decode the kernel is a weight stream: every byte of values/metadata is used by 1-16 tokens only,
+// so the job is to keep enough 16-byte loads in flight on every SM. The canonical layout is read as is:
+//
+// * A "pair" is 16 column groups = 2 mma k-steps. Lane (g, tig) of a warp loads 16 bytes of values of
+//   row g (groups 4tig..4tig+3 of the pair) and of row g+8: two LDG.128 per 16-row tile and pair, each
+//   instruction 8 rows x 64 contiguous bytes. The mma's k-slots are assigned to groups so that these
+//   registers ARE the A fragments: k-step s, slot j < 4 <-> group 4j + 2s, slot 4 + j <-> group 4j+1+2s
+//   (a0 = row g slot tig, a2 = row g slot 4+tig; the order of k inside one mma is free, as long as B
+//   gathers the same columns).
+// * Metadata: lane tig supplies slots 4*(tig&1).. of k-step tig>>1 (sparsity selector 0 for k-step 0:
+//   lanes 0,1; selector 1 for k-step 1: lanes 2,3), i.e. the nibbles of groups {4j + tig}. Each lane
+//   loads 8 of the 16 metadata bytes of one of its rows (LDG.64) and 4 shuffles hand each lane its own.
+// * B: the CTA stages its k-range of x (T <= 16 rows, all M columns of each group) in shared memory once
+//   with cp.async, plus the column indices of each warp's V-block; lanes gather their 2 halves per
+//   register with 2-byte shared loads. A warp owns RT 16-row tiles of one V-block, so each gathered B
+//   fragment feeds RT mma.
+// * Loads of the next UP pairs are issued before the current ones are used (register double buffer);
+//   the first batch is in flight while x arrives.
+// * Split-K in ONE launch: every CTA writes fp32 partials (fragment order, coalesced); the last CTA of
+//   a row group to arrive (atomic counter) sums all partials in split order (deterministic), adds the
+//   bias and writes y, and resets the counter.
+//
+// Grid: (ceil(Rp / (16*RT*WR)), nsplit). Host requirements: V % (16*RT) == 0, Gp % 8 == 0,
+//   steps_per_split even, x rows 16-byte aligned with ldx % 8 == 0, values 16-byte aligned.
+// Dynamic shared memory: 8*NT*(steps*8*M + 8)*2 + WR*steps*8*4 bytes (steps = steps_per_split).
+// =============================================================================================
+// L2PF: L2 prefetch size hint of the value loads (0: none, 128 / 256 bytes). A warp reads 64 bytes of
+// each row per pair and the next 64 bytes one batch later: a 256-byte hint turns those into L2 hits.
+template <int L2PF>
+__device__ __forceinline__ uint4 ldg_stream_128(const void* p) {
+  uint4 v;
+  if (L2PF == 256)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  else if (L2PF == 128)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  else
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ldg_stream_64(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// D += A * B with an explicit sparsity selector (which lane pair of each quad supplies metadata).
+template <bool BF16, int SEL>
+__device__ __forceinline__ void mma_sp_16832_sel(float* d, const unsigned* a, const unsigned* b,
+                                                 unsigned e) {
+#if defined(VENOM_PLAIN_MMA_SP)
+#define VENOM_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32."
+#else
+#define VENOM_MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32."
+#endif
+  if (BF16) {
+    asm volatile(VENOM_MMA_SP "bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
+                 "{%0,%1,%2,%3}, %12, %13;\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+                   "r"(b[3]), "r"(e), "n"(SEL));
+  } else {
+    asm volatile(VENOM_MMA_SP "f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
+                 "{%0,%1,%2,%3}, %12, %13;\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+                   "r"(b[3]), "r"(e), "n"(SEL));
+  }
+#undef VENOM_MMA_SP
+}
+
+// Registers of one (16-row tile, pair): values of rows g and g+8, and this lane's 8 metadata bytes.
+struct StreamFrag {
+  uint4 v0, v1;
+  uint2 meta;
+};
+
+template <bool BF16, int NT, int RT, int WR, int UP, int L2PF>
+__global__ void __launch_bounds__(WR * 32)
+    spatha_spmm_stream(const SpmmParams p) {
+  constexpr int TP = 8 * NT;  // staged token rows
+  constexpr int NTH = WR * 32;
+  static_assert(NT >= 1 && NT <= 2 && RT >= 1 && UP >= 1, "stream config");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int h = tig >> 1;
+  const int pp = tig & 1;
+
+  const int m0 = blockIdx.x * (16 * RT * WR);
+  const int wrow = m0 + warp * 16 * RT;  // first row of this warp
+  const bool warp_ok = wrow < p.Rp;
+  const int split = blockIdx.y;
+  const int s_begin = split * p.steps_per_split;
+  const int s_end = min(p.Gp / 8, s_begin + p.steps_per_split);
+  const int g_begin = 8 * s_begin;
+  const int g_end = 8 * s_end;
+  const int npairs = (g_end - g_begin + 15) >> 4;
+  const int ngp = npairs * 16;  // staged groups (the last pair may be half beyond Gp)
+  const int M = p.M;
+  const int XW = ngp * M;       // staged x columns
+  const int XP = XW + 8;        // pitch in halves (+16 B: token rows start on different banks)
+
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem_raw);            // [TP][XP]
+  unsigned* cs = reinterpret_cast<unsigned*>(smem_raw + TP * XP * 2);          // [WR][ngp] column words
+  const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
+
+  // ---- weight loads (registers) ------------------------------------------------------------------
+  const long long vrow = (long long)(wrow + g) * p.Gp * 4;  // byte offset of row g's values
+  const long long vstep = 16LL * p.Gp * 4;                  // next 16-row tile
+  // metadata: lane loads row g (tig < 2) or g+8 (tig >= 2), bytes 8*(tig&1) .. +8 of the pair
+  const long long mrow = (long long)(wrow + g + 8 * h) * p.Gp + g_begin + 8 * pp;
+  auto load_pair = [&](StreamFrag (&f)[RT], int u) {
+    const int gv = g_begin + 16 * u + 4 * tig;
+    const bool vok = warp_ok && gv < g_end;
+    const int gm = g_begin + 16 * u + 8 * pp;
+    const bool mok = warp_ok && gm < g_end;
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      const unsigned char* vp = vals8 + vrow + i * vstep + (long long)gv * 4;
+      f[i].v0 = vok ? ldg_stream_128<L2PF>(vp) : make_uint4(0, 0, 0, 0);
+      f[i].v1 = vok ? ldg_stream_128<L2PF>(vp + 8 * p.Gp * 4) : make_uint4(0, 0, 0, 0);
+      f[i].meta = mok ? ldg_stream_64(p.meta + mrow + i * 16LL * p.Gp + 16 * u)
+                      : make_uint2(0, 0);
+    }
+  };
+  // Pairs of this CTA's split, handled by every warp for its own rows: batch b = pairs b*UP .. b*UP+UP-1.
+  // Two register buffers used in turn (no copies, which would wait for the loads): while one batch is
+  // consumed, the next one is in flight.
+  const int nb = (npairs + UP - 1) / UP;
+  StreamFrag fa[UP][RT], fb[UP][RT];
+  auto load_batch = [&](StreamFrag (&f)[UP][RT], int b) {
+#pragma unroll
+    for (int k = 0; k < UP; ++k)
+      if (b * UP + k < npairs) load_pair(f[k], b * UP + k);
+  };
+  load_batch(fa, 0);
+
+  // ---- x chunk and column indices -> shared memory ---------------------------------------------
+  {
+    const unsigned short* x16 = reinterpret_cast<const unsigned short*>(p.x);
+    const int col0 = g_begin * M;
+    const int cpr = XW >> 3;  // 16-byte chunks per staged row
+    for (int i = tid; i < TP * cpr; i += NTH) {
+      const int row = i / cpr;
+      const int ch = i - row * cpr;
+      const int col = col0 + ch * 8;
+      const int valid = row < p.T ? p.K - col : 0;
+      const int bytes = valid >= 8 ? 16 : (valid > 0 ? valid * 2 : 0);
+      const unsigned short* src = bytes ? x16 + (long long)row * p.ldx + col : x16;
+      cp_async_16(xs + row * XP + ch * 8, src, bytes);
+    }
+    const int cpw = ngp >> 2;  // 16-byte chunks (4 groups) per warp
+    for (int i = tid; i < WR * cpw; i += NTH) {
+      const int w = i / cpw;
+      const int c = i - w * cpw;
+      const int row0 = min(m0 + w * 16 * RT, p.Rp - 1);
+      const int gg = g_begin + 4 * c;
+      const bool ok = gg < g_end;
+      const unsigned char* src = ok ? p.columns + ((long long)(row0 / p.V) * p.Gp + gg) * 4 : p.columns;
+      cp_async_16(cs + w * ngp + 4 * c, src, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+  const unsigned* cw = cs + warp * ngp;
+  const unsigned short* xg = xs + g * XP;  // this lane's token row (n-tile 0)
+  const int csh = 16 * pp;                 // this lane's 2 of the 4 column bytes of a group
+  auto compute_pair = [&](StreamFrag (&f)[RT], int u) {
+    // metadata nibbles: lane tig needs bytes {4j + tig} of rows g, g+8 (see the header)
+    unsigned e[RT];
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      const unsigned w = (f[i].meta.x & 0x0F0F0F0Fu) | ((f[i].meta.y & 0x0F0F0F0Fu) << 4);
+      const unsigned s0 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 0);
+      const unsigned s1 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 1);
+      const unsigned s2 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 2);
+      const unsigned s3 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 3);
+      const unsigned sel = tig | ((tig + 4) << 4);
+      e[i] = __byte_perm(__byte_perm(s0, s1, sel), __byte_perm(s2, s3, sel), 0x5410);
+    }
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      // groups of k-step s seen by this lane's B registers: slot 2q + h
+      const int gl[4] = {16 * u + 4 * h + 2 * s, 16 * u + 8 + 4 * h + 2 * s,
+                         16 * u + 4 * h + 1 + 2 * s, 16 * u + 9 + 4 * h + 2 * s};
+      int o0[4], o1[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const unsigned c = cw[gl[q]] >> csh;
+        o0[q] = gl[q] * M + (c & 0xFF);
+        o1[q] = gl[q] * M + ((c >> 8) & 0xFF);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const unsigned short* xr = xg + j * 8 * XP;
+        unsigned b[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          b[q] = static_cast<unsigned>(xr[o0[q]]) | (static_cast<unsigned>(xr[o1[q]]) << 16);
+#pragma unroll
+        for (int i = 0; i < RT; ++i) {
+          if (s == 0) {
+            const unsigned a[4] = {f[i].v0.x, f[i].v1.x, f[i].v0.y, f[i].v1.y};
+            mma_sp_16832_sel<BF16, 0>(acc[i][j], a, b, e[i]);
+          } else {
+            const unsigned a[4] = {f[i].v0.z, f[i].v1.z, f[i].v0.w, f[i].v1.w};
+            mma_sp_16832_sel<BF16, 1>(acc[i][j], a, b, e[i]);
+          }
+        }
+      }
+    }
+  };
+
+  auto compute_batch = [&](StreamFrag (&f)[UP][RT], int b) {
+#pragma unroll
+    for (int k = 0; k < UP; ++k)
+      if (b * UP + k < npairs) compute_pair(f[k], b * UP + k);
+  };
+  for (int b = 0; b < nb; b += 2) {
+    if (b + 1 < nb) load_batch(fb, b + 1);
+    compute_batch(fa, b);
+    if (b + 1 >= nb) break;
+    if (b + 2 < nb) load_batch(fa, b + 2);
+    compute_batch(fb, b + 1);
+  }
+
+  // ---- epilogue ------------------------------------------------------------------------------------
+  const unsigned short* bias16 = reinterpret_cast<const unsigned short*>(p.bias);
+  unsigned short* y16 = reinterpret_cast<unsigned short*>(p.y);
+  auto write_out = [&](float (&r)[RT][NT][4]) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = wrow + i * 16 + g + 8 * hh;
+        if (row >= p.R) continue;
+        const float bv = p.bias ? to_float(bias16[row], BF16) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk) {
+            const int t = j * 8 + 2 * tig + kk;
+            if (t < p.T) y16[(long long)t * p.ldy + row] = from_float<BF16>(r[i][j][hh * 2 + kk] + bv);
+          }
+      }
+    }
+  };
+  if (p.nsplit == 1) {
+    if (warp_ok) write_out(acc);
+    return;
+  }
+  constexpr int FRAG = RT * NT * 4 * 32;  // floats per warp and split
+  float* mine = p.ws + (((long long)blockIdx.x * p.nsplit + split) * WR + warp) * FRAG;
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) mine[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(p.counters + blockIdx.x, 1) == p.nsplit - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (warp_ok) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+    for (int sp = 0; sp < p.nsplit; ++sp) {  // fixed order: the result does not depend on who is last
+      const float* src = p.ws + (((long long)blockIdx.x * p.nsplit + sp) * WR + warp) * FRAG;
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
+    }
+    write_out(acc);
+  }
+  if (tid == 0) p.counters[blockIdx.x] = 0;
 }
 
 // Sum the split-K partials, add the bias, convert. One thread per output element.

@@ -23,6 +23,9 @@ jobs = []
 for bf16 in (False, True):
     for c in configs.CONFIGS:
         for kw in c.kws:
+            if c.kernel == "stream":
+                jobs.append([c.expr(bf16, kw)])
+                continue
             jobs.append([c.expr(bf16, kw), configs.reduce_expr(bf16)] + ([configs.TRANSPOSE_EXPR] if c.kernel == "kt" else []))
 jobs.append([configs.TRANSPOSE_EXPR])
 with ProcessPoolExecutor(min(16, os.cpu_count() or 4)) as ex:

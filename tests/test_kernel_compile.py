@@ -74,6 +74,9 @@ def test_choose_config_rules():
                     assert T >= ops.KT_MIN_TOKENS and v % cfg.bm == 0 and kw == cfg.kw_fixed
                     assert steps <= configs.KT_MAX_STEPS
                     assert cfg.smem_bytes(m, kw, steps) <= 227 * 1024
+                elif cfg.kernel == "stream":  # v4 decode kernel: whole pairs of k-steps per split
+                    assert T <= 16 and T <= cfg.bn and v % cfg.wm == 0 and kw == 2 and steps % 2 == 0
+                    assert cfg.smem_bytes(m, kw, steps) <= ops.STREAM_SMEM_CAP
                 else:
                     assert v % cfg.wm == 0
                     assert cfg.smem_bytes(m, kw) <= 227 * 1024

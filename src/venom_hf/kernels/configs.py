@@ -28,6 +28,7 @@ class TileConfig:
     stages: int
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
+    l2pf: int = 0  # stream configs: L2 prefetch hint (bytes) of the value loads
 
     @property
     def bm(self) -> int:
@@ -44,7 +45,12 @@ class TileConfig:
     @property
     def kws(self) -> tuple[int, ...]:
         """The KW values this config is built with."""
-        return (self.kw_fixed,) if self.kernel == "kt" else KWS
+        return (self.kw_fixed,) if self.kernel in ("kt", "stream") else KWS
+
+    @property
+    def rt(self) -> int:
+        """stream configs: 16-row tiles per warp."""
+        return self.wm // 16
 
     def stage_bytes(self, m: int, kw: int) -> int:
         if self.kernel == "kt":  # KtLayout: B tile [KW*32][BN+8] halves + values + metadata
@@ -54,6 +60,9 @@ class TileConfig:
 
     def smem_bytes(self, m: int, kw: int, steps: int = 0) -> int:
         """Dynamic shared memory of one launch (kt: + the column indices of ``steps`` k-steps)."""
+        if self.kernel == "stream":  # x chunk [8*NT][steps*8*M + 8] halves + column words per warp
+            steps = steps + steps % 2
+            return (self.bn * (steps * 8 * m + 8) * 2) + self.warps_m * steps * 8 * 4
         pipe = self.stages * self.stage_bytes(m, kw)
         if self.kernel == "kt":
             pipe += ((steps * 32 + 127) // 128) * 128
@@ -61,6 +70,9 @@ class TileConfig:
 
     def expr(self, bf16: bool, kw: int) -> str:
         b = "true" if bf16 else "false"
+        if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
+            return (f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}, "
+                    f"{self.l2pf}>")
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
         return f"venom::{fn}<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}, {kw}>"
 
@@ -83,6 +95,12 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("kt64x64", 64, 16, 1, 4, 4, "kt", 1),
     TileConfig("kt128x128", 64, 64, 2, 2, 4, "kt", 1),
     TileConfig("kt32x128", 32, 32, 1, 4, 4, "kt", 1),
+    # v4 decode (register weight stream, one launch incl. split-K): stream_n<NT>r<RT>; WR = 8 warps,
+    # UP = 2 pairs in flight per buffer; kw_fixed = 2: splits hold whole pairs of k-steps
+    TileConfig("stream_n1r2", 32, 8, 8, 1, 2, "stream", 2),
+    TileConfig("stream_n2r2", 32, 16, 8, 1, 2, "stream", 2),
+    TileConfig("stream_n1r1", 16, 8, 8, 1, 2, "stream", 2),
+    TileConfig("stream_n2r1", 16, 16, 8, 1, 2, "stream", 2),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 

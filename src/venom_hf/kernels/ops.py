@@ -9,6 +9,7 @@ venom_hf.format (unpack + F.linear).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -42,6 +43,7 @@ class _SpmmParams(ctypes.Structure):
         ("M", ctypes.c_int),
         ("steps_per_split", ctypes.c_int),
         ("nsplit", ctypes.c_int),
+        ("counters", ctypes.c_void_p),
     ]
 
 
@@ -53,6 +55,7 @@ class _TransposeParams(ctypes.Structure):
         ("ldt", ctypes.c_longlong),
         ("T", ctypes.c_int),
         ("K", ctypes.c_int),
+        ("Kp", ctypes.c_int),
     ]
 
 
@@ -132,7 +135,19 @@ def _cuda_supported(x, values, columns, meta, bias, v, m, out_features) -> bool:
     Rp, Gp = values.shape[0], values.shape[1]
     if Rp % v or Gp % 8 or Gp * m < x.shape[-1] or Rp < out_features:
         return False
-    return is_available(x.device)
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    ok = _AVAILABLE.get(idx)
+    if ok is None:  # per device, once: the per-call cost of this op matters at decode
+        ok = _AVAILABLE[idx] = is_available(x.device)
+    return ok
+
+
+_AVAILABLE: dict[int, bool] = {}
+
+
+def _on_device(idx: int):
+    """torch.cuda.device(idx) only when it is not already current (the context manager costs us)."""
+    return contextlib.nullcontext() if torch.cuda.current_device() == idx else torch.cuda.device(idx)
 
 
 # Prefill (T > 16): from KT_MIN_TOKENS tokens the v3 kt kernel (x^T gather) first, by V; below that, and
@@ -142,12 +157,18 @@ def _cuda_supported(x, values, columns, meta, bias, v, m, out_features) -> bool:
 # v2 huge64 beat every kt config at 64 tokens (11008x4096: 44.7 vs 67.3 us), kt won from 128 tokens.
 KT_MIN_TOKENS = 65
 _PREFILL_KT = {128: ["kt128x128", "kt64x128k2"], 64: ["kt64x128k2"], 32: ["kt32x128"]}
+# v3.2 sweep (run 8): BN = 256 tokens wins from 2048 tokens on big layers (4096x4096 64:2:8 152 vs 175 us,
+# 64:2:16 90 vs 101, 8192 tok 578 vs 623) and loses below 2048 tokens or on small layers.
+KT_WIDE_MIN_TOKENS = 2048
+KT_WIDE_MIN_WEIGHTS = 4096 * 4096
 _PREFILL_V2 = ["huge64", "large64", "large32", "large16"]
 
 
-def _prefill_order(T: int, v: int, m: int) -> list:
+def _prefill_order(T: int, v: int, m: int, Rp: int = 0, K: int = 0) -> list:
     B = _cfg.BY_NAME
     kt = next((names for vv, names in _PREFILL_KT.items() if v % vv == 0), []) if T >= KT_MIN_TOKENS else []
+    if kt and v % 128 and v % 64 == 0 and T >= KT_WIDE_MIN_TOKENS and Rp * K >= KT_WIDE_MIN_WEIGHTS:
+        kt = ["kt64x256"] + kt
     return [B[n] for n in kt] + [B[n] for n in _PREFILL_V2]
 
 
@@ -165,6 +186,47 @@ def _split(cfg, kw: int, T: int, Rp: int, nsteps: int, num_sms: int) -> tuple[in
     return split, steps
 
 
+# Decode (T <= 16): the v4 stream kernel. Its K split is the only tuning knob: enough CTAs to keep
+# loads in flight on every SM, but few enough that the fp32 partials (written and read once per split,
+# 8*NT tokens per row) stay small next to the weight bytes (5 B per row and column group).
+STREAM_CTAS_PER_SM = 1.0  # H100 sweep (run 8): 1.0 best or equal to 2 and 4 for every decode case
+STREAM_SMEM_CAP = 100 * 1024  # two CTAs per SM
+STREAM_PARTIAL_SHARE = 0.25   # partial-sum bytes <= this share of the weight bytes
+
+
+def _decode_order(T: int, Rp: int, v: int, m: int) -> list:
+    """Decode tile configs, best first (H100 sweep, docs/perf-notes.md v4): 1-8 tokens the stream kernel
+    (two 16-row tiles per warp where V allows and the layer is tall, else one); 9-16 tokens the stream
+    kernel on small layers and at M >= 16, the v2 decode16x8 tile on tall M = 8 layers (10.9 vs 12.5 us
+    on 4096x4096)."""
+    B = _cfg.BY_NAME
+    if T <= 8:
+        r2, r1 = B["stream_n1r2"], B["stream_n1r1"]
+        order = [r1] if v % 32 else ([r2, r1] if Rp >= 2048 else [r1, r2])
+    elif Rp >= 2048 and m <= 8:
+        order = [B["decode16x8"]]
+    else:
+        order = [B["stream_n2r1"]]
+    return order + [B["decode16x8"], B["decode16"]]
+
+
+def _stream_split(cfg, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int) -> tuple[int, int]:
+    """(split count, k-steps per split) of the stream kernel; (0, 0) when one pair's x chunk does not fit."""
+    cap = min(max_smem, STREAM_SMEM_CAP)
+    if cfg.smem_bytes(m, 2, 2) > cap:
+        return 0, 0
+    row_ctas = math.ceil(Rp / cfg.bm)
+    nt = cfg.bn // 8
+    # small layers are latency bound: a few splits always allowed, whatever their share of the traffic
+    by_traffic = max(4, int(STREAM_PARTIAL_SHARE * 5 * 8 * nsteps / (64 * nt)))
+    split = max(1, min(math.ceil(STREAM_CTAS_PER_SM * num_sms / row_ctas), nsteps // 4, by_traffic, 64))
+    steps = math.ceil(nsteps / split)
+    steps += steps % 2
+    while steps > 2 and cfg.smem_bytes(m, 2, steps) > cap:
+        steps -= 2
+    return math.ceil(nsteps / steps), steps
+
+
 def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None = None):
     """(tile config, KW, split count, k-steps per split) for one call, or (None, ...) when no shipped
     instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config."""
@@ -172,13 +234,20 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     B = _cfg.BY_NAME
     if name:
         order = [B[name]]
-    elif T <= 16:  # decode: stream the weight with many warps (sweep on H100, docs/perf-notes.md)
-        order = [B["decode16x8"], B["decode16"]]
+    elif T <= 16:  # decode: the register weight stream (v4), the v2 decode tiles as fallback
+        order = _decode_order(T, Rp, v, m)
     else:
-        order = _prefill_order(T, v, m)
+        order = _prefill_order(T, v, m, Rp, Gp * m)
     order += [B["decode16"]]
     nsteps = Gp // 8
     for c in order:
+        if c.kernel == "stream":
+            if v % c.wm or T > c.bn:
+                continue
+            split, steps = _stream_split(c, Rp, nsteps, m, num_sms, max_smem)
+            if steps:
+                return c, 2, split, steps
+            continue
         if c.kernel == "kt":
             if v % c.bm:
                 continue
@@ -196,13 +265,17 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     return None, 1, 1, 0
 
 
-def _launch_transpose(mod, expr: str, x2: torch.Tensor, ldx: int, stream: int) -> torch.Tensor:
-    """x2 (T, K) with row stride ldx -> x^T (K, roundup(T, 8)), padding tokens zero (spatha_transpose)."""
+def _launch_transpose(mod, expr: str, x2: torch.Tensor, ldx: int, stream: int, kp: int = 0,
+                      align: int = 8) -> torch.Tensor:
+    """x2 (T, K) with row stride ldx -> x^T (max(K, kp), roundup(T, align)), padding rows/tokens zero
+    (spatha_transpose). The kt kernel asks for kp = Gp*M rows and align = its token tile, so that its
+    gathers never leave the buffer and need no bounds checks."""
     T, K = x2.shape
-    ldt = ((T + 7) // 8) * 8
-    xt = torch.empty((K, ldt), dtype=x2.dtype, device=x2.device)
-    tp = _TransposeParams(x2.data_ptr(), xt.data_ptr(), ldx, ldt, T, K)
-    mod.launch(expr, (math.ceil(K / 64), math.ceil(ldt / 64), 1), (256, 1, 1), 0, stream, tp)
+    kp = max(K, kp)
+    ldt = ((T + align - 1) // align) * align
+    xt = torch.empty((kp, ldt), dtype=x2.dtype, device=x2.device)
+    tp = _TransposeParams(x2.data_ptr(), xt.data_ptr(), ldx, ldt, T, K, kp)
+    mod.launch(expr, (math.ceil(kp / 64), math.ceil(ldt / 64), 1), (256, 1, 1), 0, stream, tp)
     return xt
 
 
@@ -213,7 +286,7 @@ def transpose_kmajor(x: torch.Tensor) -> torch.Tensor:
     assert x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     arch = _device_info(idx)[0]
-    with torch.cuda.device(idx):
+    with _on_device(idx):
         mod = _nvrtc.get_module([_cfg.TRANSPOSE_EXPR], arch, idx)
         return _launch_transpose(mod, _cfg.TRANSPOSE_EXPR, x, x.stride(0), torch.cuda.current_stream(idx).cuda_stream)
 
@@ -251,19 +324,25 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     arch, num_sms, max_smem = _device_info(idx)
     cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config)
+    if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
+        # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
+        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64")
     if cfg is None:
         return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
     bf16 = x.dtype == torch.bfloat16
     kt = cfg.kernel == "kt"
+    stream_k = cfg.kernel == "stream"
+    if stream_k:
+        return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, R, idx, arch, bf16, lead)
     ws = torch.empty((split, T, R), dtype=torch.float32, device=x.device) if split > 1 else None
-    with torch.cuda.device(idx):
+    with _on_device(idx):
         stream = torch.cuda.current_stream(idx).cuda_stream
         exprs = [cfg.expr(bf16, kw), _cfg.reduce_expr(bf16)] + ([_cfg.TRANSPOSE_EXPR] if kt else [])
         mod = _nvrtc.get_module(exprs, arch, idx)
         xk, ldk = x2, ldx
         if kt:
             # v3 prefill: one K-major copy x^T (K, roundup(T, 8)) per call, then 16-byte row gathers
-            xk = _launch_transpose(mod, exprs[2], x2, ldx, stream)
+            xk = _launch_transpose(mod, exprs[2], x2, ldx, stream, kp=Gp * m, align=cfg.bn)
             ldk = xk.stride(0)
         p = _SpmmParams(
             xk.data_ptr(), values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
@@ -278,6 +357,43 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
             n = T * R
             blocks = min(math.ceil(n / 256), num_sms * 8)
             mod.launch(exprs[1], (blocks, 1, 1), (256, 1, 1), 0, stream, rp)
+    return y.view(*lead, R)
+
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
+    """Arrival counters of the stream kernel's one-launch split-K, one buffer per (device, stream): zero
+    between launches (the last CTA of each row group resets its counter), so consecutive launches on one
+    stream can share it; launches on different streams must not."""
+    key = (device.index, stream)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = c
+    return c
+
+
+def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, R, idx, arch, bf16, lead):
+    T, K = x2.shape
+    Rp, Gp = values.shape[0], values.shape[1]
+    row_ctas = math.ceil(Rp / cfg.bm)
+    y = torch.empty((T, R), dtype=x2.dtype, device=x2.device)
+    ws = torch.empty(split * row_ctas * cfg.bm * cfg.bn, dtype=torch.float32, device=x2.device) if split > 1 else None
+    with _on_device(idx):
+        stream = torch.cuda.current_stream(idx).cuda_stream
+        cnt = _counters(x2.device, stream, row_ctas) if split > 1 else None
+        expr = cfg.expr(bf16, 2)
+        mod = _nvrtc.get_module([expr], arch, idx)
+        p = _SpmmParams(
+            x2.data_ptr(), values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
+            bias.data_ptr() if bias is not None else None, y.data_ptr(),
+            ws.data_ptr() if ws is not None else None,
+            ldx, R, T, K, R, Rp, Gp, v, m, steps, split,
+            cnt.data_ptr() if cnt is not None else None,
+        )
+        mod.launch(expr, (row_ctas, split, 1), (cfg.threads, 1, 1), cfg.smem_bytes(m, 2, steps), stream, p)
     return y.view(*lead, R)
 
 
