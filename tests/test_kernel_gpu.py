@@ -146,7 +146,7 @@ STREAM = [c.name for c in configs.CONFIGS if c.kernel == "stream"]
 
 @pytest.mark.parametrize("cfg", STREAM)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("ctas_per_sm", [0.01, 2.0, 8.0])  # split 1 / the default / many splits
+@pytest.mark.parametrize("ctas_per_sm", [0.001, 2.0, 8.0])  # split 1 / the default / many splits
 def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
     monkeypatch.setattr(ops, "STREAM_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(ops, "STREAM_PARTIAL_SHARE", 100.0 if ctas_per_sm > 2 else ops.STREAM_PARTIAL_SHARE)
@@ -161,7 +161,7 @@ def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
                                                          227 * 1024, cfg)
             assert chosen.name == cfg and steps % 2 == 0
             nsteps = p.values.shape[1] // 8
-            if ctas_per_sm < 0.1 and c.smem_bytes(m, 2, nsteps + nsteps % 2) <= ops.STREAM_SMEM_CAP:
+            if ctas_per_sm < 0.005 and c.smem_bytes(m, 2, nsteps + nsteps % 2) <= ops.STREAM_SMEM_CAP:
                 assert split == 1
             run_case(R, K, v, m, dtype, T, bias=(T % 2 == 1), config=cfg)
 
@@ -180,8 +180,8 @@ def test_decode_uses_stream_kernel():
 def test_stream_split_deterministic_and_counters_reset():
     R, K, v, m, dtype = 4096, 4096, 64, 8, torch.float16
     p, wd = packed_weight(R, K, v, m, dtype)
-    x = torch.randn(16, K, device=DEV).to(dtype)
-    cfg, kw, split, steps = ops.choose_config(16, 4096, 512, v, m, torch.cuda.get_device_properties(0).multi_processor_count,
+    x = torch.randn(8, K, device=DEV).to(dtype)
+    cfg, kw, split, steps = ops.choose_config(8, 4096, 512, v, m, torch.cuda.get_device_properties(0).multi_processor_count,
                                               227 * 1024)
     assert cfg.kernel == "stream" and split > 1
     ys = [kernels.spmm(x, p.values, p.columns, p.meta, None, v, m, R) for _ in range(5)]
