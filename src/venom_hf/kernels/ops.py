@@ -1,10 +1,13 @@
 """``torch.ops.venom.spmm``: y = x @ W^T (+ bias) for a V:2:M weight in the canonical packed layout.
 
-The CUDA path runs the Spatha kernel of csrc/spatha.cuh (built by NVRTC, see nvrtc.py) directly on the
-canonical tensors of docs/format.md (no weight re-layout, no cache of derived tensors). Prefill
-(> 64 tokens) makes one K-major copy of the activations per call (x^T, the v3 kt kernel). Everything else
-(CPU, fp32, compute capability < 8.0, no NVRTC, V not a multiple of 16, ...) runs the reference of
-venom_hf.format (unpack + F.linear).
+The CUDA path runs the Spatha kernels of csrc/spatha.cuh (built by NVRTC, see nvrtc.py) directly on the
+canonical tensors of docs/format.md (no weight re-layout, no cache of derived tensors):
+* decode (<= 16 tokens): the v4 register weight-stream kernel (split-K inside one launch), or the v2
+  decode tile where the H100 sweep says it wins (9-16 tokens on tall M = 8 layers);
+* 17-64 tokens: the v2 kernel;
+* prefill (>= 65 tokens): one K-major copy of the activations per call (x^T) + the kt gather kernel.
+Everything else (CPU, fp32, compute capability < 8.0, no NVRTC, V not a multiple of 16, ...) runs the
+reference of venom_hf.format (unpack + F.linear).
 """
 
 from __future__ import annotations
