@@ -106,8 +106,9 @@ __device__ __forceinline__ unsigned compact_nibbles(unsigned w) {
   return w;
 }
 
-// D += A(16x32, 2:4 sparse) * B(32x8), fp32 accumulate. Metadata selector 0 (threads 0,1 of a quad).
-template <bool BF16>
+// D += A(16x32, 2:4 sparse) * B(32x8), fp32 accumulate. SEL: sparsity selector, i.e. which lane pair of
+// each quad supplies the metadata (0: threads 0,1; 1: threads 2,3).
+template <bool BF16, int SEL = 0>
 __device__ __forceinline__ void mma_sp_16832(float* d, const unsigned* a, const unsigned* b,
                                              unsigned e) {
 #if defined(VENOM_PLAIN_MMA_SP)
@@ -117,16 +118,16 @@ __device__ __forceinline__ void mma_sp_16832(float* d, const unsigned* a, const 
 #endif
   if (BF16) {
     asm volatile(VENOM_MMA_SP "bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
-                 "{%0,%1,%2,%3}, %12, 0x0;\n"
+                 "{%0,%1,%2,%3}, %12, %13;\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-                   "r"(b[3]), "r"(e));
+                   "r"(b[3]), "r"(e), "n"(SEL));
   } else {
     asm volatile(VENOM_MMA_SP "f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
-                 "{%0,%1,%2,%3}, %12, 0x0;\n"
+                 "{%0,%1,%2,%3}, %12, %13;\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-                   "r"(b[3]), "r"(e));
+                   "r"(b[3]), "r"(e), "n"(SEL));
   }
 #undef VENOM_MMA_SP
 }
@@ -723,23 +724,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 //   steps_per_split even, x rows 16-byte aligned with ldx % 8 == 0, values 16-byte aligned.
 // Dynamic shared memory: 8*NT*(steps*8*M + 8)*2 + WR*steps*8*4 bytes (steps = steps_per_split).
 // =============================================================================================
-// L2PF: L2 prefetch size hint of the value loads (0: none, 128 / 256 bytes). A warp reads 64 bytes of
-// each row per pair and the next 64 bytes one batch later: a 256-byte hint turns those into L2 hits.
-template <int L2PF>
 __device__ __forceinline__ uint4 ldg_stream_128(const void* p) {
   uint4 v;
-  if (L2PF == 256)
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  else if (L2PF == 128)
-    asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  else
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
 }
 __device__ __forceinline__ uint2 ldg_stream_64(const void* p) {
@@ -748,38 +737,13 @@ __device__ __forceinline__ uint2 ldg_stream_64(const void* p) {
   return v;
 }
 
-// D += A * B with an explicit sparsity selector (which lane pair of each quad supplies metadata).
-template <bool BF16, int SEL>
-__device__ __forceinline__ void mma_sp_16832_sel(float* d, const unsigned* a, const unsigned* b,
-                                                 unsigned e) {
-#if defined(VENOM_PLAIN_MMA_SP)
-#define VENOM_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32."
-#else
-#define VENOM_MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32."
-#endif
-  if (BF16) {
-    asm volatile(VENOM_MMA_SP "bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
-                 "{%0,%1,%2,%3}, %12, %13;\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-                   "r"(b[3]), "r"(e), "n"(SEL));
-  } else {
-    asm volatile(VENOM_MMA_SP "f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
-                 "{%0,%1,%2,%3}, %12, %13;\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-                   "r"(b[3]), "r"(e), "n"(SEL));
-  }
-#undef VENOM_MMA_SP
-}
-
 // Registers of one (16-row tile, pair): values of rows g and g+8, and this lane's 8 metadata bytes.
 struct StreamFrag {
   uint4 v0, v1;
   uint2 meta;
 };
 
-template <bool BF16, int NT, int RT, int WR, int UP, int L2PF>
+template <bool BF16, int NT, int RT, int WR, int UP>
 __global__ void __launch_bounds__(WR * 32)
     spatha_spmm_stream(const SpmmParams p) {
   constexpr int TP = 8 * NT;  // staged token rows
@@ -828,8 +792,8 @@ __global__ void __launch_bounds__(WR * 32)
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       const unsigned char* vp = vals8 + vrow + i * vstep + (long long)gv * 4;
-      f[i].v0 = vok ? ldg_stream_128<L2PF>(vp) : make_uint4(0, 0, 0, 0);
-      f[i].v1 = vok ? ldg_stream_128<L2PF>(vp + 8 * p.Gp * 4) : make_uint4(0, 0, 0, 0);
+      f[i].v0 = vok ? ldg_stream_128(vp) : make_uint4(0, 0, 0, 0);
+      f[i].v1 = vok ? ldg_stream_128(vp + 8 * p.Gp * 4) : make_uint4(0, 0, 0, 0);
       f[i].meta = mok ? ldg_stream_64(p.meta + mrow + i * 16LL * p.Gp + 16 * u)
                       : make_uint2(0, 0);
     }
@@ -922,10 +886,10 @@ __global__ void __launch_bounds__(WR * 32)
         for (int i = 0; i < RT; ++i) {
           if (s == 0) {
             const unsigned a[4] = {f[i].v0.x, f[i].v1.x, f[i].v0.y, f[i].v1.y};
-            mma_sp_16832_sel<BF16, 0>(acc[i][j], a, b, e[i]);
+            mma_sp_16832<BF16, 0>(acc[i][j], a, b, e[i]);
           } else {
             const unsigned a[4] = {f[i].v0.z, f[i].v1.z, f[i].v0.w, f[i].v1.w};
-            mma_sp_16832_sel<BF16, 1>(acc[i][j], a, b, e[i]);
+            mma_sp_16832<BF16, 1>(acc[i][j], a, b, e[i]);
           }
         }
       }

@@ -28,7 +28,6 @@ class TileConfig:
     stages: int
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
-    l2pf: int = 0  # stream configs: L2 prefetch hint (bytes) of the value loads
 
     @property
     def bm(self) -> int:
@@ -71,8 +70,7 @@ class TileConfig:
     def expr(self, bf16: bool, kw: int) -> str:
         b = "true" if bf16 else "false"
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
-            return (f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}, "
-                    f"{self.l2pf}>")
+            return f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}>"
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
         return f"venom::{fn}<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}, {kw}>"
 
