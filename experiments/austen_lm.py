@@ -61,8 +61,19 @@ def main(argv=None):
     ap.add_argument("--num-grads", type=int, default=16)
     ap.add_argument("--init-n", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--runs", nargs="*", default=["dense", "dense-ft", "oneshot-magnitude", "oneshot-obs", "gradual-obs"])
+    ap.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of --steps")
+    ap.add_argument("--prune-start", type=float, default=0.1, help="first pruning step, fraction of --steps")
+    ap.add_argument("--prune-end", type=float, default=0.6, help="last pruning step, fraction of --steps")
+    ap.add_argument("--kd", action="store_true", help="gradual runs distill from the dense model (KL, T = 2)")
+    ap.add_argument("--model", default=None, help="HF folder of SmolLM2 (default: venom_hf.assets.smollm2_path())")
+    ap.add_argument("--texts", default=None, help="JSON (.gz) {title: text} of the novels (default: venom_hf.assets)")
+    ap.add_argument("--export-texts", default=None, help="write the novels as JSON (.gz) into this file and exit")
+    ap.add_argument("--runs", nargs="*", default=["dense", "dense-ft", "oneshot-magnitude", "oneshot-obs", "gradual-obs"],
+                    help="any of dense, dense-ft, oneshot-{magnitude,obs}, gradual-{magnitude,obs}")
     a = ap.parse_args(argv)
+    if a.export_texts:
+        _write_json(a.export_texts, __import__("venom_hf.assets", fromlist=["jane_austen"]).jane_austen())
+        return
     if a.quick:
         a.seq, a.steps, a.eval_tokens, a.calib, a.num_grads = 64, 6, 1024, 4, 4
     if a.threads:
@@ -73,11 +84,11 @@ def main(argv=None):
 
     import venom_hf
     from venom_hf import assets
-    from venom_hf.pruning import VNMPruningCallback
+    from venom_hf.pruning import DistillationLoss, VNMPruningCallback
 
-    path = assets.smollm2_path()
+    path = a.model or assets.smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
-    books = assets.jane_austen()
+    books = _read_json(a.texts) if a.texts else assets.jane_austen()
     train_titles = sorted(t for t in books if "ersuasion" not in t)
     test_title = next(t for t in books if "ersuasion" in t)
     train_ids = torch.tensor(tok("\n\n".join(books[t] for t in train_titles))["input_ids"])
@@ -95,9 +106,9 @@ def main(argv=None):
     def targs(run):
         return TrainingArguments(os.path.join(tempfile.gettempdir(), "vnm_austen", run), max_steps=a.steps,
                                  per_device_train_batch_size=a.bs, learning_rate=a.lr, weight_decay=0.0,
-                                 warmup_steps=max(1, a.steps // 20), logging_steps=max(1, a.steps // 10),
+                                 warmup_steps=max(1, int(a.warmup * a.steps)), logging_steps=max(1, a.steps // 10),
                                  save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
-                                 use_cpu=device == "cpu")
+                                 use_cpu=device == "cpu", tf32=device == "cuda" or None)
 
     res = {"device": dev_name, "args": vars(a), "train_books": train_titles, "test_book": test_title,
            "train_tokens": int(train_ids.numel()), "eval_tokens": int(test_ids.numel() - 1), "runs": []}
@@ -124,16 +135,37 @@ def main(argv=None):
             record(run, model, t0, sparsity=rep["sparsity"], prune_s=rep["time_s"], calib_seqs=a.calib)
         elif run.startswith("gradual-"):
             method = run.split("-", 1)[1]
-            end = int(0.6 * a.steps)
-            cb = VNMPruningCallback(a.spec, start_step=max(1, a.steps // 10), end_step=end, init_n=a.init_n,
+            start, end = max(1, int(a.prune_start * a.steps)), int(a.prune_end * a.steps)
+            cb = VNMPruningCallback(a.spec, start_step=start, end_step=end, init_n=a.init_n,
                                     ramp="linear", method=method, num_grads=a.num_grads)
-            Trainer(model=model, args=targs(run), train_dataset=ds, callbacks=[cb]).train()
-            record(run, model, t0, steps=a.steps, sparsity=cb.history[-1]["sparsity"],
+            teacher = load() if a.kd else None
+            kd = DistillationLoss(teacher, model, temperature=2.0, hardness=1.0) if a.kd else None
+            Trainer(model=model, args=targs(run), train_dataset=ds, callbacks=[cb], compute_loss_func=kd).train()
+            if kd is not None:
+                kd.remove()
+                del teacher, kd
+            record(run, model, t0, steps=a.steps, kd=a.kd, sparsity=cb.history[-1]["sparsity"],
                    schedule=[(h["step"], h["spec"]) for h in cb.history],
                    prune_time_s=sum(h["prune_time_s"] for h in cb.history),
                    fisher_mib=max(h["fisher_mib"] for h in cb.history))
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     write_reports(res, a.out)
+
+
+def _write_json(path: str, obj) -> None:
+    import gzip
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "wt", encoding="utf-8") as f:
+        json.dump(obj, f)
+
+
+def _read_json(path: str):
+    import gzip
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def write_reports(res, out):

@@ -94,7 +94,9 @@ def main(argv=None):
     ap.add_argument("--no-kd", action="store_true")
     ap.add_argument("--specs", nargs="*", default=SPECS)
     ap.add_argument("--methods", nargs="*", default=["magnitude", "obs"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the dense run (and of the pruned runs by default)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=None,
+                    help="seeds of the pruned runs (data order, init of nothing else); all start from the same dense model")
     ap.add_argument("--plot-only", action="store_true", help="redraw results.md/accuracy.png from results.json")
     a = ap.parse_args(argv)
     if a.export_assets:
@@ -126,17 +128,17 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
     steps_per_epoch = -(-len(train) // a.bs)
 
-    def targs(run, epochs):
+    def targs(run, epochs, seed):
         return TrainingArguments(os.path.join(tempfile.gettempdir(), "vnm_bbc_news", run), num_train_epochs=epochs, per_device_train_batch_size=a.bs,
                                  learning_rate=a.lr, weight_decay=0.01, warmup_steps=int(0.06 * steps_per_epoch * epochs),
-                                 logging_steps=50, save_strategy="no", report_to=[], seed=a.seed, disable_tqdm=True,
+                                 logging_steps=50, save_strategy="no", report_to=[], seed=seed, disable_tqdm=True,
                                  use_cpu=not cuda, dataloader_num_workers=0)
 
     results = {"device": device_name, "args": vars(a), "runs": []}
     set_seed(a.seed)
     dense = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data["labels"]), dtype=torch.float32)
     t0 = time.time()
-    Trainer(model=dense, args=targs("dense", a.dense_epochs), train_dataset=train, data_collator=collator).train()
+    Trainer(model=dense, args=targs("dense", a.dense_epochs, a.seed), train_dataset=train, data_collator=collator).train()
     acc = accuracy(dense, test, collator)
     results["runs"].append({"run": "dense", "spec": "dense", "method": "dense", "accuracy": acc,
                             "train_s": time.time() - t0, "epochs": a.dense_epochs})
@@ -147,35 +149,35 @@ def main(argv=None):
     total = int(steps_per_epoch * a.prune_epochs)
     start, end = steps_per_epoch // 2, int(a.prune_end * total)
     results["schedule"] = {"start_step": start, "end_step": end, "total_steps": total, "ramp": a.ramp, "init_n": INIT_N}
-    for spec in a.specs:
+    runs = [(spec, method, seed) for seed in (a.seeds or [a.seed]) for spec in a.specs for method in a.methods]
+    for spec, method, seed in runs:
         m = int(spec.split(":")[2])
-        for method in a.methods:
-            run = f"{method}-{spec}"
-            set_seed(a.seed)
-            student = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(data["labels"]), dtype=torch.float32)
-            student.load_state_dict(dense_state)
-            cb = VNMPruningCallback(spec, start_step=start, end_step=end, init_n=INIT_N.get(m, m - 1), ramp=a.ramp,
-                                    method=method, num_grads=a.num_grads, damp=a.damp)
-            kd = None if a.no_kd else DistillationLoss(dense, student, temperature=2.0, hardness=1.0)
-            tr = Trainer(model=student, args=targs(run, a.prune_epochs), train_dataset=train, data_collator=collator,
-                         callbacks=[cb], compute_loss_func=kd)
-            t0 = time.time()
-            tr.train()
-            dt = time.time() - t0
-            if kd is not None:
-                kd.remove()
-            acc = accuracy(student, test, collator)
-            results["runs"].append({"run": run, "spec": spec, "method": method, "accuracy": acc, "train_s": dt,
-                                    "epochs": a.prune_epochs, "sparsity": cb.history[-1]["sparsity"],
-                                    "schedule": [(h["step"], h["spec"]) for h in cb.history],
-                                    "prune_time_s": sum(h["prune_time_s"] for h in cb.history),
-                                    "fisher_mib": max(h["fisher_mib"] for h in cb.history),
-                                    "num_grads": [h["num_grads"] for h in cb.history]})
-            print(f"{run}: accuracy {acc:.4f}, sparsity {cb.history[-1]['sparsity']:.4f}, {dt:.0f} s "
-                  f"(pruning {results['runs'][-1]['prune_time_s']:.1f} s)", flush=True)
-            with open(os.path.join(a.out, "results.json"), "w") as f:
-                json.dump(results, f, indent=1)
+        run = f"{method}-{spec}-s{seed}"
+        set_seed(seed)
+        student = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(data["labels"]), dtype=torch.float32)
+        student.load_state_dict(dense_state)
+        cb = VNMPruningCallback(spec, start_step=start, end_step=end, init_n=INIT_N.get(m, m - 1), ramp=a.ramp,
+                                method=method, num_grads=a.num_grads, damp=a.damp)
+        kd = None if a.no_kd else DistillationLoss(dense, student, temperature=2.0, hardness=1.0)
+        tr = Trainer(model=student, args=targs(run, a.prune_epochs, seed), train_dataset=train, data_collator=collator,
+                     callbacks=[cb], compute_loss_func=kd)
+        t0 = time.time()
+        tr.train()
+        dt = time.time() - t0
+        if kd is not None:
+            kd.remove()
+        acc = accuracy(student, test, collator)
+        results["runs"].append({"run": run, "spec": spec, "method": method, "seed": seed, "accuracy": acc, "train_s": dt,
+                                "epochs": a.prune_epochs, "sparsity": cb.history[-1]["sparsity"],
+                                "schedule": [(h["step"], h["spec"]) for h in cb.history],
+                                "prune_time_s": sum(h["prune_time_s"] for h in cb.history),
+                                "fisher_mib": max(h["fisher_mib"] for h in cb.history),
+                                "num_grads": [h["num_grads"] for h in cb.history]})
+        print(f"{run}: accuracy {acc:.4f}, sparsity {cb.history[-1]['sparsity']:.4f}, {dt:.0f} s "
+              f"(pruning {results['runs'][-1]['prune_time_s']:.1f} s)", flush=True)
+        with open(os.path.join(a.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_reports(results, a.out)
@@ -185,15 +187,28 @@ def write_reports(results, out):
     runs = results["runs"]
     dense = next(r for r in runs if r["method"] == "dense")
     specs = [s for s in dict.fromkeys(r["spec"] for r in runs) if s != "dense"]
+    seeds = sorted({r.get("seed", 0) for r in runs if r["method"] != "dense"})
     lines = [f"# BBC News, all-MiniLM-L6-v2 ({results['device']})", "",
              f"Dense: **{dense['accuracy'] * 100:.2f} %** test accuracy ({dense['epochs']} epochs).", "",
-             "| spec | magnitude | second order (OBS) | OBS - magnitude |", "|---|---|---|---|"]
+             f"Pruned runs: mean over seeds {seeds} (min-max in brackets); the difference is the mean of the per-seed "
+             "differences.", "",
+             "| spec | magnitude | second order (OBS) | OBS - magnitude | seeds where OBS > magnitude |",
+             "|---|---|---|---|---|"]
+
+    def cell(v):
+        if not v:
+            return "-"
+        lo, hi = min(v) * 100, max(v) * 100
+        return f"{sum(v) / len(v) * 100:.2f} %" + (f" [{lo:.2f}-{hi:.2f}]" if len(v) > 1 else "")
+
     for s in specs:
-        acc = {r["method"]: r["accuracy"] for r in runs if r["spec"] == s}
-        mag, obs = acc.get("magnitude"), acc.get("obs")
-        diff = f"{(obs - mag) * 100:+.2f}" if mag is not None and obs is not None else "-"
-        fmt = lambda x: "-" if x is None else f"{x * 100:.2f} %"  # noqa: E731
-        lines.append(f"| {s} | {fmt(mag)} | {fmt(obs)} | {diff} |")
+        acc = {m: {r.get("seed", 0): r["accuracy"] for r in runs if r["spec"] == s and r["method"] == m}
+               for m in ("magnitude", "obs")}
+        both = sorted(set(acc["magnitude"]) & set(acc["obs"]))
+        d = [acc["obs"][k] - acc["magnitude"][k] for k in both]
+        diff = f"{sum(d) / len(d) * 100:+.2f}" if d else "-"
+        wins = f"{sum(x > 0 for x in d)} of {len(d)}" if d else "-"
+        lines.append(f"| {s} | {cell(list(acc['magnitude'].values()))} | {cell(list(acc['obs'].values()))} | {diff} | {wins} |")
     lines += ["", "Schedule: " + json.dumps(results.get("schedule", {})), ""]
     for r in runs[1:]:
         lines.append(f"* {r['run']}: path {' -> '.join(f'{sp}@{st}' for st, sp in r['schedule'])}; "
@@ -212,8 +227,11 @@ def write_reports(results, out):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     w = 0.38
     for i, meth in enumerate(["magnitude", "obs"]):
-        ys = [next((r["accuracy"] * 100 for r in runs if r["spec"] == s and r["method"] == meth), 0) for s in specs]
-        bars = ax.bar([j + (i - 0.5) * w for j in range(len(specs))], ys, w, label=meth)
+        vals = [[r["accuracy"] * 100 for r in runs if r["spec"] == s and r["method"] == meth] for s in specs]
+        ys = [sum(v) / len(v) if v else 0 for v in vals]
+        err = [[y - min(v) if v else 0 for y, v in zip(ys, vals)], [max(v) - y if v else 0 for y, v in zip(ys, vals)]]
+        bars = ax.bar([j + (i - 0.5) * w for j in range(len(specs))], ys, w, label=meth,
+                      yerr=err if len(seeds) > 1 else None, capsize=3)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.axhline(dense["accuracy"] * 100, color="k", ls="--", lw=1, label="dense")
     ax.set_xticks(range(len(specs)), specs)
