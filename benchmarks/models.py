@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import venom_hf  # noqa: E402
 from venom_hf.evaluation import model_nbytes, sync  # noqa: E402
 
-FORMATS = ["dense", "2:4", "64:2:8", "64:2:16"]
+FORMATS = ["dense", "2:4", "64:2:8", "64:2:16"]  # "64:2:8+fused": also venom_hf.fuse_projections (q|k|v, gate|up)
 
 
 def linear_targets(model):
@@ -62,7 +62,15 @@ def make_variant(base, fmt):
         return model
     if fmt == "2:4":
         return to_semi_structured(model)
-    return to_vnm(model, fmt)
+    spec, _, extra = fmt.partition("+")
+    model = to_vnm(model, spec)
+    if extra == "fused":
+        from venom_hf.modules import fuse_projections
+
+        fuse_projections(model)
+    elif extra:
+        raise ValueError(f"unknown format suffix {extra!r} in {fmt!r} (known: +fused)")
+    return model
 
 
 def timed(fn, repeats=10, warmup=3):

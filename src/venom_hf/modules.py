@@ -32,7 +32,8 @@ from .format import (
 )
 from .kernels import spmm  # venom::spmm: the Spatha kernel on CUDA, the reference elsewhere
 
-__all__ = ["VNMMaskedLinear", "VNMSparseLinear", "pack_mask_bits", "unpack_mask_bits"]
+__all__ = ["VNMMaskedLinear", "VNMSparseLinear", "fuse_projections", "unfuse_projections", "pack_mask_bits",
+           "unpack_mask_bits"]
 
 logger = logging.getLogger("venom_hf")
 
@@ -223,6 +224,7 @@ class VNMSparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._needs_validation = False
+        self._fused_group: "_FusedProjections | None" = None
 
     @property
     def spec(self) -> VNMSpec:
@@ -243,12 +245,18 @@ class VNMSparseLinear(nn.Module):
             name = getattr(self, "_vnm_name", "")
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
+        group = self._fused_group
+        if group is not None and not torch.compiler.is_compiling():
+            y = group.output_for(self, x)
+            if y is not None:
+                return y
         return spmm(x, self.weight_values, self.weight_columns, self.weight_meta, self.bias,
-                           self._spec.v, self._spec.m, self.out_features)
+                    self._spec.v, self._spec.m, self.out_features)
 
     def extra_repr(self) -> str:
+        fused = f", fused_with={self._fused_group.names}" if self._fused_group is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, spec={self._spec}")
+                f"bias={self.bias is not None}, spec={self._spec}{fused}")
 
     # -- conversions ------------------------------------------------------------------------------
     @classmethod
@@ -294,3 +302,163 @@ class VNMSparseLinear(nn.Module):
         new.mask_bits = torch.zeros_like(new.mask_bits, device=lin.weight.device)
         new.set_mask(mask_from_weight(lin.weight, self._spec), check=False, bake=False)
         return new
+
+
+# -- sibling projections in one launch -------------------------------------------------------------
+# Attention's q/k/v and the MLP's gate/up read the same input. At decode each of them is a small,
+# memory-bound SpMM whose launch and ramp-up/tail cost as much as a good part of its weight stream, so
+# running the siblings as one SpMM over their row-concatenated weights (one launch, 2-3x the rows to
+# spread over the SMs) is the cheapest speed-up there is. The packed format makes this a plain concat:
+# every member's rows are padded to whole V-row blocks, so row blocks never straddle two members.
+
+#: sibling names that read the same input in the transformers model families (Llama/Mistral/Qwen/
+#: SmolLM-style attention and gated MLPs, BERT-style self-attention)
+FUSABLE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("query", "key", "value"),
+)
+
+
+class _FusedProjections:
+    """Owns the row-concatenated packed tensors of sibling ``VNMSparseLinear`` layers.
+
+    The members' parameters become views into these tensors (no second copy). The first member called
+    with an input runs one SpMM for all of them and the others get their slice of that output, as long
+    as they are called with the *same* tensor (identity and version counter); anything else - another
+    input, an in-place change, a member whose parameters were replaced by ``.to()`` - takes the member's
+    own, unfused path, so the result is always that of the member alone.
+    """
+
+    def __init__(self, members: list[VNMSparseLinear], names: tuple[str, ...]):
+        m0 = members[0]
+        self.names = names
+        self.spec = m0.spec
+        self.members = members
+        rows = [m.weight_values.shape[0] for m in members]  # Rp of each member: whole V-row blocks
+        self.row_offsets = [sum(rows[:i]) for i in range(len(rows))]
+        self.rows = sum(rows)
+        with torch.no_grad():
+            self.values = torch.cat([m.weight_values for m in members])
+            self.columns = torch.cat([m.weight_columns for m in members])
+            self.meta = torch.cat([m.weight_meta for m in members])
+            self.bias = None
+            if any(m.bias is not None for m in members):
+                parts = []
+                for m, r in zip(members, rows):
+                    b = m.bias.detach().to(self.values.dtype) if m.bias is not None else None
+                    part = self.values.new_zeros(r)
+                    if b is not None:
+                        part[: m.out_features] = b
+                    parts.append(part)
+                self.bias = torch.cat(parts)
+        v = self.spec.v
+        for m, off, r in zip(members, self.row_offsets, rows):
+            m.weight_values = nn.Parameter(self.values[off : off + r], requires_grad=False)
+            m.weight_columns = nn.Parameter(self.columns[off // v : (off + r) // v], requires_grad=False)
+            m.weight_meta = nn.Parameter(self.meta[off : off + r], requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(self.bias[off : off + m.out_features], requires_grad=m.bias.requires_grad)
+            m._fused_group = self
+        self._views = [self._pointers(m) for m in members]
+        self._x = self._y = None
+        self._x_version = -1
+        self._served = 0
+        self._warned = False
+
+    @staticmethod
+    def _pointers(m: VNMSparseLinear) -> tuple:
+        return (m.weight_values.data_ptr(), m.weight_columns.data_ptr(), m.weight_meta.data_ptr(),
+                None if m.bias is None else m.bias.data_ptr())
+
+    def intact(self) -> bool:
+        """False once a member's tensors no longer live in the fused storage (``.to()``, reassignment)."""
+        return all(self._pointers(m) == p for m, p in zip(self.members, self._views))
+
+    def output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.intact():
+            if not self._warned:
+                logger.warning("venom_hf: fused projections %s were moved or replaced; running them unfused "
+                               "(call venom_hf.fuse_projections(model) again after .to())", self.names)
+                self._warned = True
+            return None
+        if self._x is not x or self._x_version != x._version:
+            self._y = spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m, self.rows)
+            self._x, self._x_version, self._served = x, x._version, 0
+        i = self.members.index(member)
+        off = self.row_offsets[i]
+        y = self._y[..., off : off + member.out_features]
+        self._served += 1
+        if self._served >= len(self.members):  # every member has its slice: drop the references
+            self._x = self._y = None
+        return y
+
+    def release(self) -> None:
+        """Give each member its own contiguous tensors again and detach it from the group."""
+        for m in self.members:
+            m.weight_values = nn.Parameter(m.weight_values.detach().clone(), requires_grad=False)
+            m.weight_columns = nn.Parameter(m.weight_columns.detach().clone(), requires_grad=False)
+            m.weight_meta = nn.Parameter(m.weight_meta.detach().clone(), requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+            m._fused_group = None
+        self.members = []
+        self._x = self._y = None
+
+
+def _clone_fused_state(module, state_dict, prefix, local_metadata):
+    # The members' tensors are views of one storage; safetensors refuses shared storage, so a state dict
+    # (what save_pretrained writes) gets its own copies.
+    for name in ("weight_values", "weight_columns", "weight_meta", "bias"):
+        t = state_dict.get(prefix + name)
+        if t is not None:
+            state_dict[prefix + name] = t.detach().clone()
+    return state_dict
+
+
+def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUSABLE_GROUPS) -> int:
+    """Run sibling ``VNMSparseLinear`` layers that read the same input (q/k/v, gate/up) as one SpMM.
+
+    Looks under every module for children named as in one of ``groups`` that are all packed with the
+    same spec, ``in_features``, dtype and device, and fuses them (a group with a missing or dense member
+    is left alone). Memory does not grow: the members' parameters become views of the concatenation.
+    The forward results are the same as unfused (each member's rows of one larger SpMM); state dicts
+    and ``save_pretrained`` write the members' own tensors as before. ``torch.compile`` traces the
+    unfused path. After ``model.to(...)`` call this again. Returns the number of groups fused.
+    """
+    fused = 0
+    for parent in model.modules():
+        for names in groups:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, VNMSparseLinear) for m in members):
+                continue
+            if any(m._fused_group is not None for m in members):
+                if all(m._fused_group is members[0]._fused_group for m in members) and members[0]._fused_group.intact():
+                    continue  # already fused
+                for g in {id(m._fused_group): m._fused_group for m in members if m._fused_group is not None}.values():
+                    g.release()
+            m0 = members[0]
+            if any(_is_meta(m.weight_values) for m in members):
+                continue
+            same = all(m.spec == m0.spec and m.in_features == m0.in_features
+                       and m.weight_values.dtype == m0.weight_values.dtype
+                       and m.weight_values.device == m0.weight_values.device
+                       and m.weight_values.shape[1] == m0.weight_values.shape[1] for m in members)
+            if not same:
+                continue
+            _FusedProjections(members, names)
+            for m in members:
+                if not getattr(m, "_vnm_fused_hook", False):
+                    m._register_state_dict_hook(_clone_fused_state)
+                    m._vnm_fused_hook = True
+            fused += 1
+    return fused
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo ``fuse_projections``: every member gets its own tensors back. Returns the number of groups."""
+    groups = {id(m._fused_group): m._fused_group for m in model.modules()
+              if isinstance(m, VNMSparseLinear) and m._fused_group is not None}
+    for g in groups.values():
+        g.release()
+    return len(groups)

@@ -1,0 +1,208 @@
+"""fuse_projections: sibling VNMSparseLinear layers (q/k/v, gate/up) run as one SpMM.
+
+CPU tests in float64 against the unfused model; the GPU part (fp16 kernel, CUDA graph) is marked and
+skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import pytest
+import torch
+import torch.nn as nn
+
+import venom_hf
+from venom_hf import modules as vm
+from venom_hf.modules import VNMSparseLinear, fuse_projections, unfuse_projections
+
+
+def _tiny_llama(dtype=torch.float64, spec="64:2:8", seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    # k/v have 128 rows (2 KV heads of 64), q 256, gate/up 704 = 11 row blocks: members of unequal size
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    venom_hf.prune(model, None, spec, method="magnitude", progress=False)
+    venom_hf.compress(model, progress=False)
+    return model
+
+
+class _CountingSpmm:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_fused_model_equals_unfused_with_fewer_launches(monkeypatch):
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 9))
+    counter = _CountingSpmm(vm.spmm)
+    monkeypatch.setattr(vm, "spmm", counter)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    unfused_calls, counter.calls = counter.calls, 0
+    assert fuse_projections(model) == 4  # (q, k, v) and (gate, up) in each of the 2 layers
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert unfused_calls == 2 * 7 and counter.calls == 2 * 4  # q|k|v, o, gate|up, down per layer
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert "fused_with=('q_proj', 'k_proj', 'v_proj')" in repr(model.model.layers[0].self_attn.k_proj)
+
+
+def test_members_are_views_of_one_storage_and_state_dict_is_not():
+    model = _tiny_llama()
+    attn = model.model.layers[0].self_attn
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    storage_before = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
+                                                                  for p in model.parameters()}.values())
+    fuse_projections(model)
+    ptrs = {m.weight_values.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)}
+    assert len(ptrs) == 1  # one storage: no second copy of the weights
+    storage_after = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
+                                                                 for p in model.parameters()}.values())
+    assert storage_after == storage_before
+    sd = model.state_dict()
+    assert sd.keys() == before.keys()
+    for n, t in sd.items():
+        assert torch.equal(t, before[n]), n
+    q, k = sd["model.layers.0.self_attn.q_proj.weight_values"], sd["model.layers.0.self_attn.k_proj.weight_values"]
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()  # safetensors-safe
+
+
+def test_save_pretrained_of_fused_model_round_trips():
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    fuse_projections(model)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64).eval()
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, VNMSparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=1e-10, atol=1e-10)
+
+
+class _Siblings(nn.Module):
+    """Calls its projections in the ways a model might: same input, changed in place, another input."""
+
+    def __init__(self, k=96, bias=True, spec="16:2:8"):
+        super().__init__()
+        self.query = VNMSparseLinear.from_linear(nn.Linear(k, 48, bias=bias, dtype=torch.float64), spec)
+        self.key = VNMSparseLinear.from_linear(nn.Linear(k, 32, bias=bias, dtype=torch.float64), spec)
+        self.value = VNMSparseLinear.from_linear(nn.Linear(k, 40, bias=False, dtype=torch.float64), spec)
+
+    def forward(self, x, other=None, inplace=False):
+        q = self.query(x)
+        if inplace:
+            x.mul_(2)
+        k = self.key(x if other is None else other)
+        return q, k, self.value(x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_members_with_padded_rows_bias_and_3d_input(bias):
+    torch.manual_seed(1)
+    mod = _Siblings(bias=bias)  # 48 and 40 rows are padded to 64 and 48 rows at V = 16
+    x = torch.randn(2, 3, 96, dtype=torch.float64)
+    ref = [mod.query(x), mod.key(x), mod.value(x)]
+    assert fuse_projections(mod) == 1
+    out = mod(x)
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+
+
+def test_inplace_change_or_other_input_is_not_served_from_the_fused_output():
+    torch.manual_seed(2)
+    mod = _Siblings()
+    fuse_projections(mod)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    x0 = x.clone()
+    q, k, v = mod(x, inplace=True)  # key and value see 2 * x0
+    unfuse_projections(mod)
+    torch.testing.assert_close(q, mod.query(x0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(k, mod.key(2 * x0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, mod.value(2 * x0), rtol=1e-12, atol=1e-12)
+    fuse_projections(mod)
+    other = torch.randn(5, 96, dtype=torch.float64)
+    q, k, v = mod(x0, other=other)
+    unfuse_projections(mod)
+    torch.testing.assert_close(k, mod.key(other), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, mod.value(x0), rtol=1e-12, atol=1e-12)
+
+
+def test_moved_members_fall_back_to_unfused_with_a_warning(caplog):
+    torch.manual_seed(3)
+    mod = _Siblings()
+    x = torch.randn(4, 96, dtype=torch.float64)
+    ref = [t.float() for t in mod(x)]
+    fuse_projections(mod)
+    mod.float()  # new tensors: the members no longer live in the fused storage
+    with caplog.at_level(logging.WARNING, logger="venom_hf"):
+        out = mod(x.float())
+    assert "running them unfused" in caplog.text
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    assert fuse_projections(mod) == 1  # re-fusing after .to() picks the new tensors up
+    for o, r in zip(mod(x.float()), ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_or_dense_siblings_are_left_alone():
+    mod = _Siblings()
+    mod.key = VNMSparseLinear.from_linear(nn.Linear(96, 32, dtype=torch.float64), "16:2:16")  # other spec
+    assert fuse_projections(mod) == 0
+    mod = _Siblings()
+    mod.value = nn.Linear(96, 40, dtype=torch.float64)  # dense member
+    assert fuse_projections(mod) == 0
+    assert all(m._fused_group is None for m in (mod.query, mod.key))
+
+
+def test_unfuse_gives_members_their_own_tensors():
+    mod = _Siblings()
+    x = torch.randn(3, 96, dtype=torch.float64)
+    ref = mod(x)
+    fuse_projections(mod)
+    assert unfuse_projections(mod) == 1
+    ptrs = {m.weight_values.untyped_storage().data_ptr() for m in (mod.query, mod.key, mod.value)}
+    assert len(ptrs) == 3 and all(m.weight_values.is_contiguous() for m in (mod.query, mod.key, mod.value))
+    for o, r in zip(mod(x), ref):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    assert fuse_projections(mod) == 1  # and can be fused again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 16, 200])
+def test_fused_on_gpu_matches_unfused_and_captures_in_a_cuda_graph(tokens):
+    if not venom_hf.kernels.is_available():
+        pytest.skip("Spatha kernel unavailable")
+    model = _tiny_llama(torch.float16).cuda()
+    ids = torch.randint(0, 128, (1, tokens), device="cuda")
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+        assert fuse_projections(model) == 4
+        out = model(input_ids=ids, use_cache=False).logits.float()
+        torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(input_ids=ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            static = model(input_ids=ids, use_cache=False).logits
+        static.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static.float(), ref, rtol=2e-3, atol=2e-3)
