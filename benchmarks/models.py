@@ -14,6 +14,7 @@ Reports tokens/s, peak memory and checkpoint bytes; writes JSON + markdown (+ PN
 from __future__ import annotations
 
 import argparse
+import gc
 import copy
 import json
 import os
@@ -185,6 +186,7 @@ def main(argv=None):
                 continue
             row = {"model": mname, "format": fmt, "card": card,
                    "checkpoint_MB": model_nbytes(model) / 2**20 if fmt != "2:4" else None}
+            gc.collect()  # what the conversion left for the collector must not count as peak
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             try:

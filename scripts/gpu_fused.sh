@@ -9,4 +9,4 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout ${MODELS_TIMEOUT:-280} python3 benchmarks/models.py --models llama7b \
     --formats dense 2:4 64:2:8 64:2:8+fused 64:2:16 64:2:16+fused --out "$OUT" --plot 2>&1 | grep -v -E "it/s|Loading weights"
-timeout ${TEST_TIMEOUT:-100} python3 -m pytest -q -p no:cacheprovider tests/test_fused_projections.py 2>&1 | tail -5
+timeout ${TEST_TIMEOUT:-100} python3 -m pytest -q -p no:cacheprovider tests/test_fused_projections.py tests/test_modules.py tests/test_hf_roundtrip.py 2>&1 | tail -5

@@ -158,6 +158,28 @@ def test_moved_members_fall_back_to_unfused_with_a_warning(caplog):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
 
 
+def test_deepcopy_of_a_fused_model_is_correct_and_can_be_refused():
+    import copy
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    assert fuse_projections(model) == 4
+    assert fuse_projections(model) == 0  # idempotent
+    clone = copy.deepcopy(model)
+    assert fuse_projections(clone) == 4  # the copy gets groups of its own members ...
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj._fused_group is not None and attn.q_proj._fused_group.members == [attn.q_proj, attn.k_proj,
+                                                                                         attn.v_proj]
+    assert fuse_projections(model) == 0  # ... and the original's groups are untouched
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-12, atol=1e-12)
+    del model
+    with torch.no_grad():
+        torch.testing.assert_close(clone(input_ids=ids).logits, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_mismatched_or_dense_siblings_are_left_alone():
     mod = _Siblings()
     mod.key = VNMSparseLinear.from_linear(nn.Linear(96, 32, dtype=torch.float64), "16:2:16")  # other spec

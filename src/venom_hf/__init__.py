@@ -18,6 +18,8 @@ _LAZY = {
     "spmm": "venom_hf.kernels",
     "VNMMaskedLinear": "venom_hf.modules",
     "VNMSparseLinear": "venom_hf.modules",
+    "fuse_projections": "venom_hf.modules",
+    "unfuse_projections": "venom_hf.modules",
     "VNMConfig": "venom_hf.hf",
     "VNMHfQuantizer": "venom_hf.hf",
     "compress": "venom_hf.hf",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -93,7 +94,9 @@ class VNMMaskedLinear(nn.Linear):
         self.mask_ready = False
         if not _is_meta(self.weight):
             self.set_mask(make_mask(self.weight, self._spec), check=False)
-        self._register_load_state_dict_pre_hook(self._on_load_state_dict)
+        # the unbound function + with_module: torch keeps a weak reference to the module, where a bound
+        # method would make a reference cycle that keeps replaced (e.g. packed) layers alive until gc
+        self._register_load_state_dict_pre_hook(VNMMaskedLinear._on_load_state_dict, with_module=True)
 
     # -- mask access ------------------------------------------------------------------------------
     @property
@@ -334,7 +337,8 @@ class _FusedProjections:
         m0 = members[0]
         self.names = names
         self.spec = m0.spec
-        self.members = members
+        # weak: members point to the group, and a cycle would keep a deleted model's weights until gc
+        self._members = [weakref.ref(m) for m in members]
         rows = [m.weight_values.shape[0] for m in members]  # Rp of each member: whole V-row blocks
         self.row_offsets = [sum(rows[:i]) for i in range(len(rows))]
         self.rows = sum(rows)
@@ -353,18 +357,22 @@ class _FusedProjections:
                     parts.append(part)
                 self.bias = torch.cat(parts)
         v = self.spec.v
-        for m, off, r in zip(members, self.row_offsets, rows):
+        for i, (m, off, r) in enumerate(zip(members, self.row_offsets, rows)):
             m.weight_values = nn.Parameter(self.values[off : off + r], requires_grad=False)
             m.weight_columns = nn.Parameter(self.columns[off // v : (off + r) // v], requires_grad=False)
             m.weight_meta = nn.Parameter(self.meta[off : off + r], requires_grad=False)
             if m.bias is not None:
                 m.bias = nn.Parameter(self.bias[off : off + m.out_features], requires_grad=m.bias.requires_grad)
-            m._fused_group = self
+            m._fused_group, m._fused_index = self, i
         self._views = [self._pointers(m) for m in members]
         self._x = self._y = None
         self._x_version = -1
         self._served = 0
         self._warned = False
+
+    @property
+    def members(self) -> list[VNMSparseLinear]:
+        return [r() for r in self._members]
 
     @staticmethod
     def _pointers(m: VNMSparseLinear) -> tuple:
@@ -373,36 +381,40 @@ class _FusedProjections:
 
     def intact(self) -> bool:
         """False once a member's tensors no longer live in the fused storage (``.to()``, reassignment)."""
-        return all(self._pointers(m) == p for m, p in zip(self.members, self._views))
+        return all(m is not None and self._pointers(m) == p for m, p in zip(self.members, self._views))
 
     def output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.intact():
-            if not self._warned:
-                logger.warning("venom_hf: fused projections %s were moved or replaced; running them unfused "
-                               "(call venom_hf.fuse_projections(model) again after .to())", self.names)
-                self._warned = True
-            return None
         if self._x is not x or self._x_version != x._version:
+            # a new input: check once per input (not per member: this runs per layer at decode) that every
+            # member still lives in the fused storage, then run the one SpMM
+            if not self.intact():
+                if not self._warned:
+                    logger.warning("venom_hf: fused projections %s were moved or replaced; running them unfused "
+                                   "(call venom_hf.fuse_projections(model) again after .to())", self.names)
+                    self._warned = True
+                self._x = self._y = None
+                return None
             self._y = spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m, self.rows)
             self._x, self._x_version, self._served = x, x._version, 0
-        i = self.members.index(member)
-        off = self.row_offsets[i]
+        off = self.row_offsets[member._fused_index]
         y = self._y[..., off : off + member.out_features]
         self._served += 1
-        if self._served >= len(self.members):  # every member has its slice: drop the references
+        if self._served >= len(self._members):  # every member has its slice: drop the references
             self._x = self._y = None
         return y
 
     def release(self) -> None:
         """Give each member its own contiguous tensors again and detach it from the group."""
         for m in self.members:
+            if m is None:
+                continue
             m.weight_values = nn.Parameter(m.weight_values.detach().clone(), requires_grad=False)
             m.weight_columns = nn.Parameter(m.weight_columns.detach().clone(), requires_grad=False)
             m.weight_meta = nn.Parameter(m.weight_meta.detach().clone(), requires_grad=False)
             if m.bias is not None:
                 m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
             m._fused_group = None
-        self.members = []
+        self._members = []
         self._x = self._y = None
 
 
@@ -433,10 +445,17 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUS
             if not all(isinstance(m, VNMSparseLinear) for m in members):
                 continue
             if any(m._fused_group is not None for m in members):
-                if all(m._fused_group is members[0]._fused_group for m in members) and members[0]._fused_group.intact():
-                    continue  # already fused
-                for g in {id(m._fused_group): m._fused_group for m in members if m._fused_group is not None}.values():
-                    g.release()
+                g = members[0]._fused_group
+                if g is not None and g.members == members and g.intact():
+                    continue  # already fused (a deep copy's members are not the group's: it is re-fused)
+                for m in members:
+                    g = m._fused_group
+                    if g is None:
+                        continue
+                    if any(x is m for x in g.members):
+                        g.release()  # this model's own stale group: all its members get their tensors back
+                    else:
+                        m._fused_group = None  # a deep copy's reference to the original model's group
             m0 = members[0]
             if any(_is_meta(m.weight_values) for m in members):
                 continue
