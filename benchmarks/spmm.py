@@ -97,6 +97,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
     ap.add_argument("--quick", action="store_true", help="fp16 only, fewer specs")
+    ap.add_argument("--dtype", default="all", choices=["all", "fp16", "bf16"],
+                    help="restrict the full plan to one dtype (fp16: 4 specs, bf16: 64:2:8 and 64:2:16)")
     ap.add_argument("--sweep", action="store_true", help="time every tile config on a few cases first")
     ap.add_argument("--sweep-set", default="all", choices=["all", "decode", "prefill"])
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
@@ -118,6 +120,8 @@ def main():
             (torch.float16, ["64:2:8", "64:2:16", "64:2:32", "128:2:8"]),
             (torch.bfloat16, ["64:2:8", "64:2:16"]),
         ]
+        if args.dtype != "all":
+            plan = [p for p in plan if p[0] == {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]]
     rows = []
     sweep = []
     default_cps = ops.STREAM_CTAS_PER_SM
