@@ -175,6 +175,11 @@ def test_deepcopy_of_a_fused_model_is_correct_and_can_be_refused():
     assert fuse_projections(model) == 0  # ... and the original's groups are untouched
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-12, atol=1e-12)
+    clone2 = copy.deepcopy(model)
+    assert unfuse_projections(clone2) == 0  # a copy's unfuse leaves the original's groups alone ...
+    a2 = clone2.model.layers[0].self_attn
+    assert len({m.weight_values.untyped_storage().data_ptr() for m in (a2.q_proj, a2.k_proj, a2.v_proj)}) == 3
+    assert fuse_projections(model) == 0 and attn.q_proj._fused_group is not None
     del model
     with torch.no_grad():
         torch.testing.assert_close(clone(input_ids=ids).logits, ref, rtol=1e-12, atol=1e-12)

@@ -248,7 +248,7 @@ class VNMSparseLinear(nn.Module):
             name = getattr(self, "_vnm_name", "")
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
-        group = self._fused_group
+        group = getattr(self, "_fused_group", None)  # getattr: layers pickled before fusion existed
         if group is not None and not torch.compiler.is_compiling():
             y = group.output_for(self, x)
             if y is not None:
@@ -257,7 +257,8 @@ class VNMSparseLinear(nn.Module):
                     self._spec.v, self._spec.m, self.out_features)
 
     def extra_repr(self) -> str:
-        fused = f", fused_with={self._fused_group.names}" if self._fused_group is not None else ""
+        group = getattr(self, "_fused_group", None)
+        fused = f", fused_with={group.names}" if group is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, spec={self._spec}{fused}")
 
@@ -406,21 +407,27 @@ class _FusedProjections:
     def release(self) -> None:
         """Give each member its own contiguous tensors again and detach it from the group."""
         for m in self.members:
-            if m is None:
-                continue
-            m.weight_values = nn.Parameter(m.weight_values.detach().clone(), requires_grad=False)
-            m.weight_columns = nn.Parameter(m.weight_columns.detach().clone(), requires_grad=False)
-            m.weight_meta = nn.Parameter(m.weight_meta.detach().clone(), requires_grad=False)
-            if m.bias is not None:
-                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
-            m._fused_group = None
+            if m is not None:
+                _detach_from_group(m)
         self._members = []
         self._x = self._y = None
+
+
+def _detach_from_group(m: VNMSparseLinear) -> None:
+    """Give ``m`` contiguous tensors of its own (not views of a fused storage) and no group."""
+    m.weight_values = nn.Parameter(m.weight_values.detach().clone(), requires_grad=False)
+    m.weight_columns = nn.Parameter(m.weight_columns.detach().clone(), requires_grad=False)
+    m.weight_meta = nn.Parameter(m.weight_meta.detach().clone(), requires_grad=False)
+    if m.bias is not None:
+        m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+    m._fused_group = None
 
 
 def _clone_fused_state(module, state_dict, prefix, local_metadata):
     # The members' tensors are views of one storage; safetensors refuses shared storage, so a state dict
     # (what save_pretrained writes) gets its own copies.
+    if getattr(module, "_fused_group", None) is None:
+        return state_dict
     for name in ("weight_values", "weight_columns", "weight_meta", "bias"):
         t = state_dict.get(prefix + name)
         if t is not None:
@@ -444,18 +451,18 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUS
             members = [getattr(parent, n, None) for n in names]
             if not all(isinstance(m, VNMSparseLinear) for m in members):
                 continue
-            if any(m._fused_group is not None for m in members):
-                g = members[0]._fused_group
+            if any(getattr(m, "_fused_group", None) is not None for m in members):
+                g = getattr(members[0], "_fused_group", None)
                 if g is not None and g.members == members and g.intact():
                     continue  # already fused (a deep copy's members are not the group's: it is re-fused)
                 for m in members:
-                    g = m._fused_group
+                    g = getattr(m, "_fused_group", None)
                     if g is None:
                         continue
                     if any(x is m for x in g.members):
                         g.release()  # this model's own stale group: all its members get their tensors back
                     else:
-                        m._fused_group = None  # a deep copy's reference to the original model's group
+                        _detach_from_group(m)  # a deep copy's reference to the original model's group
             m0 = members[0]
             if any(_is_meta(m.weight_values) for m in members):
                 continue
@@ -476,8 +483,15 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUS
 
 def unfuse_projections(model: nn.Module) -> int:
     """Undo ``fuse_projections``: every member gets its own tensors back. Returns the number of groups."""
-    groups = {id(m._fused_group): m._fused_group for m in model.modules()
-              if isinstance(m, VNMSparseLinear) and m._fused_group is not None}
+    groups = {}
+    for m in model.modules():
+        g = getattr(m, "_fused_group", None) if isinstance(m, VNMSparseLinear) else None
+        if g is None:
+            continue
+        if any(x is m for x in g.members):
+            groups[id(g)] = g
+        else:  # a deep copy's reference to the original model's group: leave the original alone
+            _detach_from_group(m)
     for g in groups.values():
         g.release()
     return len(groups)
