@@ -162,7 +162,8 @@ def bench_decode_step_graph(model, device, batch=1, replays=50):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["bert-large", "smollm2", "llama7b"])
-    ap.add_argument("--formats", nargs="+", default=FORMATS)
+    ap.add_argument("--formats", nargs="+", default=FORMATS,
+                    help="dense, 2:4 (cuSPARSELt), any V:2:M spec; append +fused to also run venom_hf.fuse_projections")
     ap.add_argument("--layers", type=int, default=0, help="override the number of layers (0 = default)")
     ap.add_argument("--out", default="out/models")
     ap.add_argument("--plot", action="store_true")

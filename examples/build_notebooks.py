@@ -193,7 +193,7 @@ matmul), so the speed table shows the CPU reference path, not the GPU kernel.
 Sizes (`VENOM_HF_NB_SIZE`): `small` (CI): OBS on the first decoder block only (the other blocks of the OBS
 model stay dense), 2 x 64 calibration tokens, perplexity on 2 x 128 tokens, 8 generated tokens. `full`: OBS on all 30 blocks (210 Linears)
 with 16 x 128 calibration tokens, perplexity on 16 x 512 = 8,192 tokens, 32 generated tokens.
-The committed outputs are from the `small` size: `full` takes ~20 min of OBS on 2 CPU cores and was not run."""),
+The committed outputs are from the `full` size on 2 CPU cores (OBS alone takes ~20 min there)."""),
     ("code", SETUP),
     ("code", '''\
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,6 +256,10 @@ with torch.no_grad():
     logits_reloaded = sparse(**batch).logits
 print(f"packed layers after reload: {n_packed}; max |logits| diff packed vs masked "
       f"{(logits_packed - logits_masked).abs().max():.2e}, reloaded vs packed {(logits_reloaded - logits_packed).abs().max():.2e}")
+n_groups = venom_hf.fuse_projections(sparse)  # q|k|v and gate|up as one SpMM each (no extra memory)
+with torch.no_grad():
+    logits_fused = sparse(**batch).logits
+print(f"fuse_projections: {n_groups} groups; max |logits| diff fused vs unfused {(logits_fused - logits_reloaded).abs().max():.2e}")
 for name, m in (("dense", dense), ("sparse (packed, reloaded)", sparse)):
     g = m.generate(**batch, max_new_tokens=CFG["new_tokens"], do_sample=False, pad_token_id=tok.eos_token_id)
     print(f"{name:>26}: {prompt!r} -> {tok.decode(g[0, batch['input_ids'].shape[1]:], skip_special_tokens=True)!r}")'''),
@@ -263,7 +267,7 @@ for name, m in (("dense", dense), ("sparse (packed, reloaded)", sparse)):
 # 4. speed and memory (CPU here: the packed path is the reference implementation, not the GPU kernel)
 prompt_ids = tok(persuasion[:4000], return_tensors="pt").input_ids[:, :64].to(DEVICE)
 rows = []
-for name, m in (("dense", dense), ("sparse packed", sparse)):
+for name, m in (("dense", dense), ("sparse packed", sparse)):  # sparse: with fused projections
     s = generation_speed(m, prompt_ids, new_tokens=CFG["new_tokens"], repeats=CFG["repeats"])
     rows.append((name, s["prefill_tok_s"], s["decode_tok_s"], model_nbytes(m) / 2**20))
 dense_disk = os.path.getsize(os.path.join(path, "model.safetensors")) / 2**20
