@@ -195,6 +195,16 @@ def test_mismatched_or_dense_siblings_are_left_alone():
     assert all(m._fused_group is None for m in (mod.query, mod.key))
 
 
+def test_offloaded_members_are_left_alone():
+    import types
+
+    mod = _Siblings()
+    mod.key._hf_hook = types.SimpleNamespace(offload=True)  # what accelerate's AlignDevicesHook exposes
+    assert fuse_projections(mod) == 0
+    del mod.key._hf_hook
+    assert fuse_projections(mod) == 1
+
+
 def test_unfuse_gives_members_their_own_tensors():
     mod = _Siblings()
     x = torch.randn(3, 96, dtype=torch.float64)

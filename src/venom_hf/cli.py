@@ -363,11 +363,18 @@ def cmd_demo(args) -> int:
     t_dense = _time_forward(dense, ids, args.repeats)
     t_masked = _time_forward(magnitude, ids, args.repeats)
     t_packed = _time_forward(reloaded, ids, args.repeats)
+    h_unfused = _hidden(reloaded, held[:1])
+    n_groups = venom_hf.fuse_projections(reloaded)  # query|key|value of each layer as one SpMM
+    h_fused = _hidden(reloaded, held[:1])
+    t_fused = _time_forward(reloaded, ids, args.repeats)
+    print(f"fuse_projections: {n_groups} query|key|value groups, one SpMM each; max |diff| of last_hidden_state "
+          f"vs unfused {(h_fused - h_unfused).abs().max():.2e}")
     ntok = ids["input_ids"].numel()
     print(_table([
         ["dense (nn.Linear)", f"{t_dense * 1e3:.1f}", f"{ntok / t_dense:,.0f}", "1.00x"],
         ["masked (VNMMaskedLinear)", f"{t_masked * 1e3:.1f}", f"{ntok / t_masked:,.0f}", f"{t_dense / t_masked:.2f}x"],
         ["packed (VNMSparseLinear)", f"{t_packed * 1e3:.1f}", f"{ntok / t_packed:,.0f}", f"{t_dense / t_packed:.2f}x"],
+        ["packed + fuse_projections", f"{t_fused * 1e3:.1f}", f"{ntok / t_fused:,.0f}", f"{t_dense / t_fused:.2f}x"],
     ], ["layers", "ms / forward", "tokens/s", "speed vs dense"]))
     if device.type == "cpu":
         print("CPU: the packed path is the reference implementation (correctness, not speed). Run on an NVIDIA "

@@ -464,7 +464,10 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUS
                     else:
                         _detach_from_group(m)  # a deep copy's reference to the original model's group
             m0 = members[0]
-            if any(_is_meta(m.weight_values) for m in members):
+            # offloaded layers (meta, or an accelerate hook that swaps the weights in per forward) keep
+            # their own tensors: a fused copy would pin them on the device
+            if any(_is_meta(m.weight_values) or getattr(getattr(m, "_hf_hook", None), "offload", False)
+                   for m in members):
                 continue
             same = all(m.spec == m0.spec and m.in_features == m0.in_features
                        and m.weight_values.dtype == m0.weight_values.dtype
