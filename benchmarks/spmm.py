@@ -285,16 +285,19 @@ def plot(rows, path, card):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    dtypes = {r["dtype"] for r in rows}
+    dtype = "float16" if "float16" in dtypes else min(dtypes)  # one dtype per plot: fp16 if it ran
+    rows = [r for r in rows if r["dtype"] == dtype]
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     n = len(layers)
     cols = 4
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(n / cols)), squeeze=False)
     for ax, layer in zip(axes.flat, layers):
         for spec in dict.fromkeys(r["spec"] for r in rows):
-            rr = [r for r in rows if r["layer"] == layer and r["spec"] == spec and r["dtype"] == "float16" and r["x_dense"]]
+            rr = [r for r in rows if r["layer"] == layer and r["spec"] == spec and r["x_dense"]]
             if rr:
                 ax.plot([r["T"] for r in rr], [r["x_dense"] for r in rr], marker="o", label=f"Spatha {spec}")
-        rr = [r for r in rows if r["layer"] == layer and r["spec"] == "64:2:8" and r["dtype"] == "float16" and r["cusparselt_us"]]
+        rr = [r for r in rows if r["layer"] == layer and r["spec"] == "64:2:8" and r["cusparselt_us"]]
         if rr:
             ax.plot([r["T"] for r in rr], [r["dense_us"] / r["cusparselt_us"] for r in rr], "k--", label="cuSPARSELt 2:4")
         ax.axhline(1.0, color="gray", lw=0.8)
@@ -302,8 +305,10 @@ def plot(rows, path, card):
         ax.set_title(layer, fontsize=9)
         ax.set_xlabel("tokens")
         ax.set_ylabel("x over cuBLAS")
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"V:2:M SpMM speedup over dense cuBLAS, fp16, {card}")
+    fig.suptitle(f"V:2:M SpMM speedup over dense cuBLAS, {dtype.replace('float', 'fp').replace('bfp', 'bf')}, {card}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
