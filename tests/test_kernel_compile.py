@@ -86,6 +86,25 @@ def test_choose_config_rules():
     assert cfg.kernel == "kt" and steps <= configs.KT_MAX_STEPS and split * steps >= 1500
 
 
+def test_choose_config_memo_matches_search_and_sees_tunables(monkeypatch):
+    cases = [(T, R, v, m) for T in (1, 9, 16, 100, 2048) for R in (576, 4096, 11008) for v in (64, 128)
+             for m in (8, 16)]
+    for T, R, v, m in cases:
+        args = (T, R, 512, v, m, 132, 227 * 1024)
+        assert ops.choose_config(*args) == ops._search_config(*args, None) == ops.choose_config(*args)
+    args = (100, 4096, 512, 64, 8, 132, 227 * 1024)
+    assert ops.choose_config(*args)[0].kernel == "kt"
+    monkeypatch.setattr(ops, "KT_MIN_TOKENS", 200)  # a tunable changed after the answer was memoized
+    assert ops.choose_config(*args)[0].kernel == "v2" and ops.choose_config(*args) == ops._search_config(*args, None)
+    args = (1, 576, 512, 64, 8, 132, 227 * 1024)
+    before = ops.choose_config(*args)
+    monkeypatch.setattr(ops, "STREAM_CTAS_PER_SM", 0.25)  # what the sweep and the GPU tests change
+    after = ops.choose_config(*args)
+    assert after == ops._search_config(*args, None) and after[2] < before[2]  # fewer splits
+    monkeypatch.setenv("VENOM_HF_SPMM_CONFIG", "decode16")
+    assert ops.choose_config(*args)[0].name == "decode16"
+
+
 def test_is_available_false_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("has CUDA")

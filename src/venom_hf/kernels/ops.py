@@ -230,10 +230,28 @@ def _stream_split(cfg, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int
     return math.ceil(nsteps / steps), steps
 
 
+_CHOICES: dict[tuple, tuple] = {}
+
+
 def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None = None):
     """(tile config, KW, split count, k-steps per split) for one call, or (None, ...) when no shipped
-    instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config."""
+    instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config.
+
+    Memoized (a decode step asks the same few questions every token, and the search costs a few us of
+    Python per call); the key holds the module's tunables too, so changing one (tests, the sweep) is seen.
+    """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
+    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
+           KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
+    choice = _CHOICES.get(key)
+    if choice is None:
+        if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
+            _CHOICES.clear()
+        choice = _CHOICES[key] = _search_config(T, Rp, Gp, v, m, num_sms, max_smem, name)
+    return choice
+
+
+def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None):
     B = _cfg.BY_NAME
     if name:
         order = [B[name]]
@@ -302,9 +320,8 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
         x2 = x2.contiguous()
     T = x2.shape[0]
     R = out_features
-    y = torch.empty((T, R), dtype=x.dtype, device=x.device)
     if T == 0:
-        return y.view(*lead, R)
+        return x.new_empty((*lead, R))
     ldx = x2.stride(0) if T > 1 else ((K + 7) // 8) * 8
     if ldx % 8 or x2.data_ptr() % 16:
         # rare (K % 8 != 0 or an odd view): one padded copy so rows are 16-byte aligned
@@ -332,11 +349,12 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
         cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64")
     if cfg is None:
         return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
+    y = torch.empty((T, R), dtype=x.dtype, device=x.device)
     bf16 = x.dtype == torch.bfloat16
     kt = cfg.kernel == "kt"
     stream_k = cfg.kernel == "stream"
     if stream_k:
-        return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, R, idx, arch, bf16, lead)
+        return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead)
     ws = torch.empty((split, T, R), dtype=torch.float32, device=x.device) if split > 1 else None
     with _on_device(idx):
         stream = torch.cuda.current_stream(idx).cuda_stream
@@ -378,11 +396,11 @@ def _counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
     return c
 
 
-def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, R, idx, arch, bf16, lead):
+def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead):
     T, K = x2.shape
+    R = y.shape[1]
     Rp, Gp = values.shape[0], values.shape[1]
     row_ctas = math.ceil(Rp / cfg.bm)
-    y = torch.empty((T, R), dtype=x2.dtype, device=x2.device)
     ws = torch.empty(split * row_ctas * cfg.bm * cfg.bn, dtype=torch.float32, device=x2.device) if split > 1 else None
     with _on_device(idx):
         stream = torch.cuda.current_stream(idx).cuda_stream
