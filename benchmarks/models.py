@@ -14,8 +14,8 @@ Reports tokens/s, peak memory and checkpoint bytes; writes JSON + markdown (+ PN
 from __future__ import annotations
 
 import argparse
-import gc
 import copy
+import gc
 import json
 import os
 import platform

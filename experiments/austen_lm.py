@@ -72,7 +72,9 @@ def main(argv=None):
                     help="any of dense, dense-ft, oneshot-{magnitude,obs}, gradual-{magnitude,obs}")
     a = ap.parse_args(argv)
     if a.export_texts:
-        _write_json(a.export_texts, __import__("venom_hf.assets", fromlist=["jane_austen"]).jane_austen())
+        from venom_hf.assets import jane_austen
+
+        _write_json(a.export_texts, jane_austen())
         return
     if a.quick:
         a.seq, a.steps, a.eval_tokens, a.calib, a.num_grads = 64, 6, 1024, 4, 4
@@ -108,7 +110,7 @@ def main(argv=None):
                                  per_device_train_batch_size=a.bs, learning_rate=a.lr, weight_decay=0.0,
                                  warmup_steps=max(1, int(a.warmup * a.steps)), logging_steps=max(1, a.steps // 10),
                                  save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
-                                 use_cpu=device == "cpu", tf32=device == "cuda" or None)
+                                 use_cpu=device == "cpu", tf32=True if device == "cuda" else None)
 
     res = {"device": dev_name, "args": vars(a), "train_books": train_titles, "test_book": test_title,
            "train_tokens": int(train_ids.numel()), "eval_tokens": int(test_ids.numel() - 1), "runs": []}
