@@ -96,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=["magnitude", "obs"])
     ap.add_argument("--seed", type=int, default=0, help="seed of the dense run (and of the pruned runs by default)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None,
-                    help="seeds of the pruned runs (data order, init of nothing else); all start from the same dense model")
+                    help="seeds of the pruned runs (their data order); all start from the same dense model")
     ap.add_argument("--plot-only", action="store_true", help="redraw results.md/accuracy.png from results.json")
     a = ap.parse_args(argv)
     if a.export_assets:
@@ -168,7 +168,8 @@ def main(argv=None):
         if kd is not None:
             kd.remove()
         acc = accuracy(student, test, collator)
-        results["runs"].append({"run": run, "spec": spec, "method": method, "seed": seed, "accuracy": acc, "train_s": dt,
+        results["runs"].append({"run": run, "spec": spec, "method": method, "seed": seed, "accuracy": acc,
+                                "train_s": dt,
                                 "epochs": a.prune_epochs, "sparsity": cb.history[-1]["sparsity"],
                                 "schedule": [(h["step"], h["spec"]) for h in cb.history],
                                 "prune_time_s": sum(h["prune_time_s"] for h in cb.history),
@@ -208,7 +209,8 @@ def write_reports(results, out):
         d = [acc["obs"][k] - acc["magnitude"][k] for k in both]
         diff = f"{sum(d) / len(d) * 100:+.2f}" if d else "-"
         wins = f"{sum(x > 0 for x in d)} of {len(d)}" if d else "-"
-        lines.append(f"| {s} | {cell(list(acc['magnitude'].values()))} | {cell(list(acc['obs'].values()))} | {diff} | {wins} |")
+        mag, obs = cell(list(acc["magnitude"].values())), cell(list(acc["obs"].values()))
+        lines.append(f"| {s} | {mag} | {obs} | {diff} | {wins} |")
     lines += ["", "Schedule: " + json.dumps(results.get("schedule", {})), ""]
     for r in runs[1:]:
         lines.append(f"* {r['run']}: path {' -> '.join(f'{sp}@{st}' for st, sp in r['schedule'])}; "
