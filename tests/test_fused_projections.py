@@ -56,6 +56,19 @@ def test_fused_model_equals_unfused_with_fewer_launches(monkeypatch):
     assert "fused_with=('q_proj', 'k_proj', 'v_proj')" in repr(model.model.layers[0].self_attn.k_proj)
 
 
+def test_generate_with_kv_cache_is_unchanged_by_fusion():
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 5))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    ref = model.generate(ids, **kw)
+    fuse_projections(model)
+    out = model.generate(ids, **kw)  # the cache keeps slices of the fused outputs across steps
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_members_are_views_of_one_storage_and_state_dict_is_not():
     model = _tiny_llama()
     attn = model.model.layers[0].self_attn
