@@ -167,6 +167,10 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=0, help="override the number of layers (0 = default)")
     ap.add_argument("--out", default="out/models")
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="decoders: also time the decode step of torch.compile(model) (elementwise ops fused by "
+                         "inductor) in a CUDA graph; compiling takes ~1 min per format and batch")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8], help="batches of the graph decode step")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -195,7 +199,7 @@ def main(argv=None):
                     row["runs"] = [bench_encoder(model, device, s) for s in (128, 512)]
                 else:
                     row["runs"] = [bench_decoder(model, device)]
-                    for bs in (1, 8):
+                    for bs in args.decode_batches:
                         try:
                             r = bench_decode_step_graph(model, device, bs)
                         except Exception as e:  # noqa: BLE001 - report, keep the eager numbers
@@ -203,6 +207,20 @@ def main(argv=None):
                             r = None
                         if r:
                             row["runs"].append(r)
+                    if args.compile and cuda:
+                        # HF's eager decoder layer launches ~35 small elementwise kernels (norms, RoPE, SiLU,
+                        # residuals) that cost the same for every column and bound the step's speedup;
+                        # inductor fuses them, as gpt-fast-style serving does. (Fused projections are traced
+                        # unfused under torch.compile.)
+                        compiled = torch.compile(model, dynamic=False)
+                        for bs in args.decode_batches:
+                            try:
+                                r = bench_decode_step_graph(compiled, device, bs)
+                            except Exception as e:  # noqa: BLE001
+                                print(f"{mname} {fmt}: compiled graph decode failed ({type(e).__name__}: {e})")
+                                r = None
+                            if r:
+                                row["runs"].append({**r, "compiled": True})
             except Exception as e:  # noqa: BLE001
                 print(f"{mname} {fmt}: failed ({type(e).__name__}: {e})")
                 continue
@@ -232,7 +250,7 @@ def markdown(results):
                 if key not in run:
                     continue
                 if key == "graph_decode_tok_s":
-                    wl = f"decode step b{run['batch']} (CUDA graph)"
+                    wl = f"decode step b{run['batch']} ({'torch.compile + ' if run.get('compiled') else ''}CUDA graph)"
                 else:
                     wl = (f"b{run['batch']}x{run['seq']}" if "seq" in run else
                           ("prefill " if key == "prefill_tok_s" else "decode ") + f"b{run['batch']} p{run['prompt']}")
@@ -257,11 +275,12 @@ def plot(results, path):
         for run in r["runs"]:
             for key in ("tok_s", "prefill_tok_s", "decode_tok_s", "graph_decode_tok_s"):
                 if key in run:
+                    graph = ("compiled graph" if run.get("compiled") else "graph") + f" b{run['batch']}"
                     wl = f"{r['model']}\n" + (f"seq {run['seq']}" if "seq" in run else
-                                               (f"graph b{run['batch']}" if key == "graph_decode_tok_s" else key.split("_")[0]))
+                                               (graph if key == "graph_decode_tok_s" else key.split("_")[0]))
                     rows.setdefault(wl, {})[r["format"]] = run[key]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    fmts = [f for f in FORMATS if any(f in v for v in rows.values())]
+    fmts = list(dict.fromkeys(r["format"] for r in results))  # incl. "+fused" and other suffixed columns
     width = 0.8 / max(1, len(fmts))
     for i, fmt in enumerate(fmts):
         xs = [j + i * width for j in range(len(rows))]

@@ -69,6 +69,17 @@ def test_generate_with_kv_cache_is_unchanged_by_fusion():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_torch_compile_of_a_fused_model_traces_the_unfused_path_in_one_graph():
+    model = _tiny_llama(torch.float32)
+    fuse_projections(model)
+    ids = torch.randint(0, 128, (1, 3))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # no graph break allowed
+        out = compiled(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_members_are_views_of_one_storage_and_state_dict_is_not():
     model = _tiny_llama()
     attn = model.model.layers[0].self_attn
