@@ -267,3 +267,24 @@ def test_fused_on_gpu_matches_unfused_and_captures_in_a_cuda_graph(tokens):
         g.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(static.float(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 9, 300])
+def test_fused_siblings_with_bias_and_padded_rows_on_gpu(dtype, tokens):
+    if not venom_hf.kernels.is_available():
+        pytest.skip("Spatha kernel unavailable")
+    torch.manual_seed(4)
+    mod = _Siblings(k=256).to("cuda", dtype)  # 48 / 32 / 40 rows at V = 16: padded members, two with bias
+    x = torch.randn(tokens, 256, device="cuda", dtype=dtype)
+    x64 = x.double().cpu()
+    ref = [venom_hf.spmm(x64, m.weight_values.double().cpu(), m.weight_columns.cpu(), m.weight_meta.cpu(),
+                         None if m.bias is None else m.bias.double().cpu(), 16, 8, m.out_features)
+           for m in (mod.query, mod.key, mod.value)]
+    assert fuse_projections(mod) == 1
+    out = mod(x)
+    for o, r in zip(out, ref):
+        err = (o.double().cpu() - r).norm() / r.norm()
+        assert o.dtype == dtype and torch.isfinite(o).all() and err < (4e-3 if dtype == torch.float16 else 2e-2)
