@@ -199,28 +199,23 @@ def main(argv=None):
                     row["runs"] = [bench_encoder(model, device, s) for s in (128, 512)]
                 else:
                     row["runs"] = [bench_decoder(model, device)]
-                    for bs in args.decode_batches:
-                        try:
-                            r = bench_decode_step_graph(model, device, bs)
-                        except Exception as e:  # noqa: BLE001 - report, keep the eager numbers
-                            print(f"{mname} {fmt}: graph decode failed ({type(e).__name__}: {e})")
-                            r = None
-                        if r:
-                            row["runs"].append(r)
+                    step_models = [(model, False)]
                     if args.compile and cuda:
                         # HF's eager decoder layer launches ~35 small elementwise kernels (norms, RoPE, SiLU,
                         # residuals) that cost the same for every column and bound the step's speedup;
                         # inductor fuses them, as gpt-fast-style serving does. (Fused projections are traced
                         # unfused under torch.compile.)
-                        compiled = torch.compile(model, dynamic=False)
+                        step_models.append((torch.compile(model, dynamic=False), True))
+                    for step_model, compiled in step_models:
                         for bs in args.decode_batches:
                             try:
-                                r = bench_decode_step_graph(compiled, device, bs)
-                            except Exception as e:  # noqa: BLE001
-                                print(f"{mname} {fmt}: compiled graph decode failed ({type(e).__name__}: {e})")
+                                r = bench_decode_step_graph(step_model, device, bs)
+                            except Exception as e:  # noqa: BLE001 - report, keep the eager numbers
+                                what = "compiled graph" if compiled else "graph"
+                                print(f"{mname} {fmt}: {what} decode failed ({type(e).__name__}: {e})")
                                 r = None
                             if r:
-                                row["runs"].append({**r, "compiled": True})
+                                row["runs"].append({**r, "compiled": True} if compiled else r)
             except Exception as e:  # noqa: BLE001
                 print(f"{mname} {fmt}: failed ({type(e).__name__}: {e})")
                 continue
