@@ -5,12 +5,7 @@
 #   MODE=stage   carry nothing extra: copies .assets/smol_a.part (first half of the SmolLM2 GGUF) to /tmp/stage
 #   MODE=austen  carry .assets/smolb and .assets/austen.json.gz, on the same warm machine right after `stage`:
 #                SmolLM2-135M on Jane Austen at 64:2:8 (dense, one-shot, gradual with KD)
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH=src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-export VENOM_HF_CACHE=/tmp/venom_cache OUT=${OUT:-out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_common.sh"
 case "${MODE:?MODE=bbc|stage|austen}" in
 bbc)
   timeout 310 python3 experiments/bbc_news.py --assets .assets/bbc --out "$OUT/bbc_low" --dense-epochs 3 \
