@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every tile config on a few cases first")
     ap.add_argument("--sweep-set", default="all", choices=["all", "decode", "prefill"])
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    ap.add_argument("--sweep-configs", default="", help="comma-separated substrings of the config names to sweep")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
     ap.add_argument("--tokens", default="", help="comma-separated token counts")
     args = ap.parse_args()
@@ -124,7 +125,7 @@ def main():
             plan = [p for p in plan if p[0] == {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]]
     rows = []
     sweep = []
-    default_cps = ops.STREAM_CTAS_PER_SM
+    default_cps, default_ring = ops.STREAM_CTAS_PER_SM, ops.RING_CTAS_PER_SM
     if args.sweep:
         cases = [((4096, 4096), 2048, "64:2:8"), ((4096, 4096), 2048, "64:2:16"), ((11008, 4096), 2048, "64:2:8"),
                  ((4096, 4096), 2048, "128:2:8"), ((4096, 4096), 8192, "64:2:8"), ((4096, 4096), 512, "64:2:8"),
@@ -134,7 +135,9 @@ def main():
         decode = [((R, K), T, spec) for (R, K) in ((4096, 4096), (11008, 4096), (4096, 11008))
                   for T in (1, 16) for spec in ("64:2:8", "64:2:16")]
         decode += [((768, 768), 16, "64:2:8"), ((3072, 768), 16, "64:2:8"), ((576, 576), 1, "64:2:8"),
-                   ((4096, 4096), 8, "128:2:8"), ((4096, 4096), 16, "64:2:32")]
+                   ((4096, 4096), 8, "128:2:8"), ((4096, 4096), 16, "64:2:32"), ((4096, 4096), 8, "64:2:8"),
+                   ((12288, 4096), 1, "64:2:8"), ((22016, 4096), 1, "64:2:8"), ((1536, 576), 1, "64:2:8"),
+                   ((576, 1536), 1, "64:2:8")]
         if args.sweep_set == "decode":
             cases = decode
         elif args.sweep_set == "all":
@@ -155,13 +158,16 @@ def main():
             for c in configs.CONFIGS:
                 if s.v % (c.bm if c.kernel == "kt" else c.wm):
                     continue
+                if args.sweep_configs and not any(f in c.name for f in args.sweep_configs.split(",")):
+                    continue
                 if T > 16 and not (c.kernel == "kt" or c.name in ("large64", "huge64", "large32")):
                     continue
-                if T <= 16 and not (c.kernel == "stream" and T <= c.bn or c.name == "decode16x8"):
+                if T <= 16 and not (c.kernel in ("stream", "ring") and T <= c.bn or c.name == "decode16x8"):
                     continue
-                for cps in ((1.0, 2.0, 4.0) if c.kernel == "stream" else (None,)):
-                    if cps is not None:
-                        ops.STREAM_CTAS_PER_SM = cps
+                cps_grid = {"stream": (1.0, 2.0, 4.0), "ring": (0.25, 1.0, 3.0)}.get(c.kernel, (None,))
+                for cps in cps_grid:
+                    if cps is not None:  # the global split-K knob of the decode kernels
+                        ops.STREAM_CTAS_PER_SM = ops.RING_CTAS_PER_SM = cps
                     fn = lambda c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R, config=c.name)
                     y = fn()
                     err = ((y.double() - x.double() @ wd.T).norm() / (x.double() @ wd.T).norm()).item()
@@ -175,7 +181,7 @@ def main():
                                       weight_tbps=wbytes / us / 1e6))
                     print(f"sweep {R}x{K} T={T} {spec} {label:18s} {us:8.1f} us  dense {dense_us:8.1f}  "
                           f"x{dense_us/us:.2f} err {err:.1e} weights {wbytes / us / 1e6:.2f} TB/s")
-                ops.STREAM_CTAS_PER_SM = default_cps
+                ops.STREAM_CTAS_PER_SM, ops.RING_CTAS_PER_SM = default_cps, default_ring
     if args.sweep_only:
         (out / "sweep.json").write_text(json.dumps(dict(card=card, torch=torch.__version__, sweep=sweep), indent=1))
         return

@@ -743,6 +743,60 @@ struct StreamFrag {
   uint2 meta;
 };
 
+// One pair (2 k-steps) of one warp: RT 16-row tiles x NT 8-token tiles of mma.sp. f: the A registers of
+// the pair (layout in the header above), cw: the column words of the warp's V-block (staged groups), xr:
+// this lane's token row of each n-tile in the staged x chunk, u: the pair's index in the staged chunk.
+template <bool BF16, int NT, int RT>
+__device__ __forceinline__ void stream_pair_mma(float (&acc)[RT][NT][4], const StreamFrag (&f)[RT],
+                                                const unsigned* cw, const unsigned short* const (&xr)[NT],
+                                                int M, int u, int lane) {
+  const int tig = lane & 3;
+  const int h = tig >> 1;
+  const int csh = 16 * (tig & 1);  // this lane's 2 of the 4 column bytes of a group
+  // metadata nibbles: lane tig needs bytes {4j + tig} of rows g, g+8 (see the header)
+  unsigned e[RT];
+#pragma unroll
+  for (int i = 0; i < RT; ++i) {
+    const unsigned w = (f[i].meta.x & 0x0F0F0F0Fu) | ((f[i].meta.y & 0x0F0F0F0Fu) << 4);
+    const unsigned s0 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 0);
+    const unsigned s1 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 1);
+    const unsigned s2 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 2);
+    const unsigned s3 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 3);
+    const unsigned sel = tig | ((tig + 4) << 4);
+    e[i] = __byte_perm(__byte_perm(s0, s1, sel), __byte_perm(s2, s3, sel), 0x5410);
+  }
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    // groups of k-step s seen by this lane's B registers: slot 2q + h
+    const int gl[4] = {16 * u + 4 * h + 2 * s, 16 * u + 8 + 4 * h + 2 * s, 16 * u + 4 * h + 1 + 2 * s,
+                       16 * u + 9 + 4 * h + 2 * s};
+    int o0[4], o1[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const unsigned c = cw[gl[q]] >> csh;
+      o0[q] = gl[q] * M + (c & 0xFF);
+      o1[q] = gl[q] * M + ((c >> 8) & 0xFF);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      unsigned b[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        b[q] = static_cast<unsigned>(xr[j][o0[q]]) | (static_cast<unsigned>(xr[j][o1[q]]) << 16);
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+        if (s == 0) {
+          const unsigned a[4] = {f[i].v0.x, f[i].v1.x, f[i].v0.y, f[i].v1.y};
+          mma_sp_16832<BF16, 0>(acc[i][j], a, b, e[i]);
+        } else {
+          const unsigned a[4] = {f[i].v0.z, f[i].v1.z, f[i].v0.w, f[i].v1.w};
+          mma_sp_16832<BF16, 1>(acc[i][j], a, b, e[i]);
+        }
+      }
+    }
+  }
+}
+
 template <bool BF16, int NT, int RT, int WR, int UP>
 __global__ void __launch_bounds__(WR * 32)
     spatha_spmm_stream(const SpmmParams p) {
@@ -848,53 +902,10 @@ __global__ void __launch_bounds__(WR * 32)
       for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
 
   const unsigned* cw = cs + warp * ngp;
-  const unsigned short* xg = xs + g * XP;  // this lane's token row (n-tile 0)
-  const int csh = 16 * pp;                 // this lane's 2 of the 4 column bytes of a group
-  auto compute_pair = [&](StreamFrag (&f)[RT], int u) {
-    // metadata nibbles: lane tig needs bytes {4j + tig} of rows g, g+8 (see the header)
-    unsigned e[RT];
+  const unsigned short* xr[NT];
 #pragma unroll
-    for (int i = 0; i < RT; ++i) {
-      const unsigned w = (f[i].meta.x & 0x0F0F0F0Fu) | ((f[i].meta.y & 0x0F0F0F0Fu) << 4);
-      const unsigned s0 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 0);
-      const unsigned s1 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 1);
-      const unsigned s2 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 2);
-      const unsigned s3 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 3);
-      const unsigned sel = tig | ((tig + 4) << 4);
-      e[i] = __byte_perm(__byte_perm(s0, s1, sel), __byte_perm(s2, s3, sel), 0x5410);
-    }
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      // groups of k-step s seen by this lane's B registers: slot 2q + h
-      const int gl[4] = {16 * u + 4 * h + 2 * s, 16 * u + 8 + 4 * h + 2 * s,
-                         16 * u + 4 * h + 1 + 2 * s, 16 * u + 9 + 4 * h + 2 * s};
-      int o0[4], o1[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const unsigned c = cw[gl[q]] >> csh;
-        o0[q] = gl[q] * M + (c & 0xFF);
-        o1[q] = gl[q] * M + ((c >> 8) & 0xFF);
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const unsigned short* xr = xg + j * 8 * XP;
-        unsigned b[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          b[q] = static_cast<unsigned>(xr[o0[q]]) | (static_cast<unsigned>(xr[o1[q]]) << 16);
-#pragma unroll
-        for (int i = 0; i < RT; ++i) {
-          if (s == 0) {
-            const unsigned a[4] = {f[i].v0.x, f[i].v1.x, f[i].v0.y, f[i].v1.y};
-            mma_sp_16832<BF16, 0>(acc[i][j], a, b, e[i]);
-          } else {
-            const unsigned a[4] = {f[i].v0.z, f[i].v1.z, f[i].v0.w, f[i].v1.w};
-            mma_sp_16832<BF16, 1>(acc[i][j], a, b, e[i]);
-          }
-        }
-      }
-    }
-  };
+  for (int j = 0; j < NT; ++j) xr[j] = xs + (j * 8 + g) * XP;  // this lane's token row of n-tile j
+  auto compute_pair = [&](const StreamFrag (&f)[RT], int u) { stream_pair_mma<BF16, NT, RT>(acc, f, cw, xr, M, u, lane); };
 
   auto compute_batch = [&](StreamFrag (&f)[UP][RT], int b) {
 #pragma unroll
@@ -965,6 +976,259 @@ __global__ void __launch_bounds__(WR * 32)
           for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
     }
     write_out(acc);
+  }
+  if (tid == 0) p.counters[blockIdx.x] = 0;
+}
+
+// =============================================================================================
+// v5 decode path (<= 16 tokens): spatha_spmm_ring -- the weight streams through a per-warp cp.async
+// ring in shared memory; the CTA's K range is split among its warps and reduced in shared memory.
+//
+// Why (docs/perf-notes.md, v5): v4 held the next batch of weight loads in registers, so a warp had one
+// batch (<= 5 KB) in flight and each batch cost a memory round trip; its global split-K (partials +
+// fence + counter + a second read) added another ~3 round trips. Timings fit ~5 us fixed + bytes at
+// ~3 TB/s: the fixed part, not the bandwidth, lost to cuBLAS on 4096-wide layers. Here:
+// * Warp (rw, ks) of a CTA owns 16*RT rows (row warp rw) and the pairs ks, ks + KS, ks + 2 KS, ... of the
+//   CTA's k-range, so the KS warps of a row warp read adjacent 64-byte pieces of the same rows at once.
+// * Each lane copies exactly the A-fragment bytes it will use (the v4 register layout: 2 x 16 B of values
+//   and 8 B of metadata per 16-row tile and pair) into its own slot of an S-stage ring with cp.async, so
+//   S-1 pairs per warp are in flight from the start, no register is spent on them, and no barrier is
+//   needed (a lane only reads what it copied itself).
+// * The KS partial sums of a row warp meet in shared memory (fixed order). Global split-K (the v4
+//   one-launch scheme) is only used where the rows alone give too few CTAs, or the x chunk is too big.
+// * x is staged for the T real tokens only (lanes of token rows >= T read row T-1: mma columns are
+//   independent and those outputs are never written), so 1-token calls stage 1/8 of v4's chunk.
+// The mma part is stream_pair_mma, shared with v4.
+//
+// Grid: (ceil(Rp / (16*RT*RW)), nsplit); block RW*KS warps. Host requirements as v4.
+// Dynamic shared memory (bytes): RW*KS*S*RT*1280 (ring) + TS*(steps*8*M + 8)*2 (x, TS = min(T, 8*NT))
+//   + RW*steps*8*4 (column words) + (KS-1)*RW*RT*NT*512 (partials), steps = steps_per_split rounded to even.
+// =============================================================================================
+__device__ __forceinline__ void cp_async_16_mem(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_8_mem(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+// "memory" clobbers: the ring is read with plain shared loads and re-filled without a barrier, so the
+// compiler must not move those loads across the waits and copies.
+__device__ __forceinline__ void cp_async_commit_mem() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_mem() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <bool BF16, int NT, int RT, int RW, int KS, int S>
+__global__ void __launch_bounds__(RW * KS * 32)
+    spatha_spmm_ring(const SpmmParams p) {
+  constexpr int NTH = RW * KS * 32;
+  constexpr int TB = 1280;  // ring bytes per (stage, 16-row tile): v0 [32][16 B], v1 [32][16 B], meta [32][8 B]
+  constexpr int FR = RT * NT * 4;
+  static_assert(NT >= 1 && NT <= 2 && RT >= 1 && RW >= 1 && KS >= 1 && S >= 3, "ring config");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int rw = warp % RW;
+  const int ks = warp / RW;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int h = tig >> 1;
+  const int pp = tig & 1;
+
+  const int m0 = blockIdx.x * (16 * RT * RW);
+  const int wrow = m0 + rw * 16 * RT;
+  const bool warp_ok = wrow < p.Rp;
+  const int split = blockIdx.y;
+  const int s_begin = split * p.steps_per_split;
+  const int s_end = min(p.Gp / 8, s_begin + p.steps_per_split);
+  const int g_begin = 8 * s_begin;
+  const int g_end = 8 * s_end;
+  const int npairs = (g_end - g_begin + 15) >> 4;
+  const int ngp = npairs * 16;
+  const int M = p.M;
+  const int XW = ngp * M;
+  const int XP = XW + 8;
+  const int TS = min(p.T, 8 * NT);
+
+  unsigned char* ring = smem_raw;                                                    // [warps][S][RT][TB]
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem_raw + NTH / 32 * S * RT * TB);  // [TS][XP]
+  unsigned* cs = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(xs) + TS * XP * 2);  // [RW][ngp]
+  float* red = reinterpret_cast<float*>(cs + RW * ngp);                             // [KS-1][RW][FR][32]
+  const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
+
+  // ---- x chunk (TS token rows) and the row warps' column words: cp.async group 0 ----------------------
+  {
+    const unsigned short* x16 = reinterpret_cast<const unsigned short*>(p.x);
+    const int col0 = g_begin * M;
+    const int cpr = XW >> 3;
+    for (int i = tid; i < TS * cpr; i += NTH) {
+      const int row = i / cpr;
+      const int ch = i - row * cpr;
+      const int col = col0 + ch * 8;
+      const int valid = p.K - col;
+      const int bytes = valid >= 8 ? 16 : (valid > 0 ? valid * 2 : 0);
+      const unsigned short* src = bytes ? x16 + (long long)row * p.ldx + col : x16;
+      cp_async_16_mem(xs + row * XP + ch * 8, src, bytes);
+    }
+    const int cpw = ngp >> 2;
+    for (int i = tid; i < RW * cpw; i += NTH) {
+      const int w = i / cpw;
+      const int c = i - w * cpw;
+      const int row0 = min(m0 + w * 16 * RT, p.Rp - 1);
+      const int gg = g_begin + 4 * c;
+      const bool ok = gg < g_end;
+      const unsigned char* src = ok ? p.columns + ((long long)(row0 / p.V) * p.Gp + gg) * 4 : p.columns;
+      cp_async_16_mem(cs + w * ngp + 4 * c, src, ok ? 16 : 0);
+    }
+    cp_async_commit_mem();
+  }
+
+  // ---- weight ring: this lane's bytes of pair u -> stage st -----------------------------------------
+  const long long vrow = (long long)(wrow + g) * p.Gp * 4;
+  const long long vstep = 16LL * p.Gp * 4;
+  const long long mrow = (long long)(wrow + g + 8 * h) * p.Gp + g_begin + 8 * pp;
+  unsigned char* my_ring = ring + warp * S * RT * TB;
+  auto issue_pair = [&](int u, int st) {
+    const int gv = g_begin + 16 * u + 4 * tig;
+    const bool vok = warp_ok && gv < g_end;
+    const bool mok = warp_ok && g_begin + 16 * u + 8 * pp < g_end;
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      unsigned char* d = my_ring + (st * RT + i) * TB;
+      const unsigned char* vp = vals8 + vrow + i * vstep + (long long)gv * 4;
+      cp_async_16_mem(d + lane * 16, vok ? vp : vals8, vok ? 16 : 0);
+      cp_async_16_mem(d + 512 + lane * 16, vok ? vp + 8LL * p.Gp * 4 : vals8, vok ? 16 : 0);
+      cp_async_8_mem(d + 1024 + lane * 8, mok ? p.meta + mrow + i * 16LL * p.Gp + 16 * u : p.meta, mok ? 8 : 0);
+    }
+  };
+  const int np_w = ks < npairs ? (npairs - ks + KS - 1) / KS : 0;  // pairs of this warp
+#pragma unroll
+  for (int j = 0; j < S - 1; ++j) {
+    if (j < np_w) issue_pair(ks + KS * j, j);
+    cp_async_commit_mem();
+  }
+  cp_async_wait_mem<S - 1>();  // group 0 (x, column words) has landed for this thread ...
+  __syncthreads();             // ... and for every thread
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+  const unsigned* cw = cs + rw * ngp;
+  const unsigned short* xr[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xr[j] = xs + min(j * 8 + g, TS - 1) * XP;
+  for (int j = 0; j < np_w; ++j) {
+    cp_async_wait_mem<S - 2>();  // pair j has landed (this lane's own bytes)
+    const int nx = j + S - 1;    // refill the stage read in the previous iteration
+    if (nx < np_w) issue_pair(ks + KS * nx, nx % S);
+    cp_async_commit_mem();
+    const unsigned char* d = my_ring + (j % S) * RT * TB;
+    StreamFrag f[RT];
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      f[i].v0 = *reinterpret_cast<const uint4*>(d + i * TB + lane * 16);
+      f[i].v1 = *reinterpret_cast<const uint4*>(d + i * TB + 512 + lane * 16);
+      f[i].meta = *reinterpret_cast<const uint2*>(d + i * TB + 1024 + lane * 8);
+    }
+    stream_pair_mma<BF16, NT, RT>(acc, f, cw, xr, M, ks + KS * j, lane);
+  }
+  cp_async_wait_mem<0>();
+
+  // ---- the KS partial sums of each row warp meet in shared memory (fixed order) ---------------------
+  if (KS > 1) {
+    if (ks > 0) {
+      float* dst = red + ((ks - 1) * RW + rw) * FR * 32;
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) dst[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
+    }
+    __syncthreads();
+    if (ks == 0) {
+      for (int kk = 1; kk < KS; ++kk) {
+        const float* src = red + ((kk - 1) * RW + rw) * FR * 32;
+#pragma unroll
+        for (int i = 0; i < RT; ++i)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][j][k] += src[((i * NT + j) * 4 + k) * 32 + lane];
+      }
+    }
+  }
+  const bool writer = ks == 0 && warp_ok;
+
+  // ---- epilogue: as v4 (global split-K partials + last-arriving CTA) --------------------------------
+  const unsigned short* bias16 = reinterpret_cast<const unsigned short*>(p.bias);
+  unsigned short* y16 = reinterpret_cast<unsigned short*>(p.y);
+  auto write_out = [&]() {
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = wrow + i * 16 + g + 8 * hh;
+        if (row >= p.R) continue;
+        const float bv = p.bias ? to_float(bias16[row], BF16) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk) {
+            const int t = j * 8 + 2 * tig + kk;
+            if (t < p.T) y16[(long long)t * p.ldy + row] = from_float<BF16>(acc[i][j][hh * 2 + kk] + bv);
+          }
+      }
+    }
+  };
+  if (p.nsplit == 1) {
+    if (writer) write_out();
+    return;
+  }
+  constexpr int FRAG = FR * 32;
+  if (writer) {
+    float* mine = p.ws + (((long long)blockIdx.x * p.nsplit + split) * RW + rw) * FRAG;
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) mine[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(p.counters + blockIdx.x, 1) == p.nsplit - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (writer) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+    for (int sp = 0; sp < p.nsplit; ++sp) {  // fixed order: the result does not depend on who is last
+      const float* src = p.ws + (((long long)blockIdx.x * p.nsplit + sp) * RW + rw) * FRAG;
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
+    }
+    write_out();
   }
   if (tid == 0) p.counters[blockIdx.x] = 0;
 }

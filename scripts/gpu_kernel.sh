@@ -23,7 +23,7 @@ jobs = []
 for bf16 in (False, True):
     for c in configs.CONFIGS:
         for kw in c.kws:
-            if c.kernel == "stream":
+            if c.kernel in ("stream", "ring"):
                 jobs.append([c.expr(bf16, kw)])
                 continue
             jobs.append([c.expr(bf16, kw), configs.reduce_expr(bf16)] + ([configs.TRANSPOSE_EXPR] if c.kernel == "kt" else []))

@@ -69,15 +69,34 @@ def test_generate_with_kv_cache_is_unchanged_by_fusion():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_torch_compile_of_a_fused_model_traces_the_unfused_path_in_one_graph():
-    model = _tiny_llama(torch.float32)
-    fuse_projections(model)
-    ids = torch.randint(0, 128, (1, 3))
-    with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=False).logits
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # no graph break allowed
-        out = compiled(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+def test_torch_compile_of_a_fused_model_calls_one_spmm_per_group_in_one_graph():
+    """Under torch.compile the trace itself runs the fused SpMM once per input (inductor would not merge
+    three identical custom-op calls): 4 SpMMs per decoder layer instead of 7, one graph, no re-compile on
+    later calls, and the same logits as eager."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "venom.spmm" in str(n.target)))
+        return gm.forward
+
+    for fuse in (False, True):
+        model = _tiny_llama(torch.float32)
+        if fuse:
+            fuse_projections(model)
+        layers = model.config.num_hidden_layers
+        torch._dynamo.reset()
+        graphs.clear()
+        with torch.no_grad():
+            compiled = torch.compile(model, fullgraph=True, backend=counting_backend)  # no graph break allowed
+            for _ in range(3):
+                ids = torch.randint(0, 128, (1, 3))
+                ref = model(input_ids=ids, use_cache=False).logits
+                out = compiled(input_ids=ids, use_cache=False).logits
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert graphs == [(4 if fuse else 7) * layers]  # compiled once
+        group = model.model.layers[0].self_attn.q_proj._fused_group
+        assert group is None or group._traced_x is None and group._traced_y is None  # nothing kept alive
+    torch._dynamo.reset()
 
 
 def test_members_are_views_of_one_storage_and_state_dict_is_not():

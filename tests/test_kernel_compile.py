@@ -74,9 +74,9 @@ def test_choose_config_rules():
                     assert T >= ops.KT_MIN_TOKENS and v % cfg.bm == 0 and kw == cfg.kw_fixed
                     assert steps <= configs.KT_MAX_STEPS
                     assert cfg.smem_bytes(m, kw, steps) <= 227 * 1024
-                elif cfg.kernel == "stream":  # v4 decode kernel: whole pairs of k-steps per split
+                elif cfg.kernel in ("stream", "ring"):  # v4 / v5 decode kernels: whole pairs of k-steps per split
                     assert T <= 16 and T <= cfg.bn and v % cfg.wm == 0 and kw == 2 and steps % 2 == 0
-                    assert cfg.smem_bytes(m, kw, steps) <= ops.STREAM_SMEM_CAP
+                    assert cfg.smem_bytes(m, kw, steps, T) <= ops.STREAM_SMEM_CAP
                 else:
                     assert v % cfg.wm == 0
                     assert cfg.smem_bytes(m, kw) <= 227 * 1024
@@ -84,6 +84,23 @@ def test_choose_config_rules():
     # long K: the kt kernel stages at most KT_MAX_STEPS k-steps of column indices per CTA (split-K)
     cfg, kw, split, steps = ops.choose_config(4096, 4096, 8 * 1500, 64, 4, 132, 227 * 1024)
     assert cfg.kernel == "kt" and steps <= configs.KT_MAX_STEPS and split * steps >= 1500
+
+
+def test_decode_dispatch():
+    """Decode (<= 16 tokens) goes to the v5 ring kernel, with the v4 stream kernel in its measured niche
+    (9-16 tokens, M >= 16, <= 4096 rows); every choice fits its V and token count."""
+    expect = {  # (T, R, m) -> config for V >= 32 (run-10 sweep)
+        (1, 4096, 8): "ring_n1r1", (1, 768, 8): "ring_n1r1k8", (8, 4096, 8): "ring_n1r1w8",
+        (8, 768, 8): "ring_n1r1k8", (16, 4096, 8): "ring_n2r2w8", (16, 11008, 16): "ring_n2r2w8",
+        (16, 4096, 16): "stream_n2r1", (16, 768, 8): "ring_n2r1",
+    }
+    for T in (1, 2, 3, 8, 9, 16):
+        for v in (16, 32, 64, 128):
+            for R, m in ((4096, 8), (4096, 16), (768, 8), (11008, 16)):
+                cfg = ops.choose_config(T, R, 4096 // m, v, m, 132, 227 * 1024)[0]
+                assert cfg.kernel in ("ring", "stream") and T <= cfg.bn and v % cfg.wm == 0
+                if v >= 32 and (T, R, m) in expect:
+                    assert cfg.name == expect[(T, R, m)], (T, R, v, m, cfg.name)
 
 
 def test_choose_config_memo_matches_search_and_sees_tunables(monkeypatch):
@@ -98,7 +115,8 @@ def test_choose_config_memo_matches_search_and_sees_tunables(monkeypatch):
     assert ops.choose_config(*args)[0].kernel == "v2" and ops.choose_config(*args) == ops._search_config(*args, None)
     args = (1, 576, 512, 64, 8, 132, 227 * 1024)
     before = ops.choose_config(*args)
-    monkeypatch.setattr(ops, "STREAM_CTAS_PER_SM", 0.25)  # what the sweep and the GPU tests change
+    assert before[0].kernel == "ring"
+    monkeypatch.setattr(ops, "RING_CTAS_PER_SM", 0.25)  # what the sweep and the GPU tests change
     after = ops.choose_config(*args)
     assert after == ops._search_config(*args, None) and after[2] < before[2]  # fewer splits
     monkeypatch.setenv("VENOM_HF_SPMM_CONFIG", "decode16")

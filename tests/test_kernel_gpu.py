@@ -140,8 +140,8 @@ def test_every_config(cfg, dtype):
         run_case(R, K, v, m, dtype, T, bias=True, config=cfg)
 
 
-# --- v4 stream kernel (decode): every config, K split off and on, odd shapes, every V / M -------------------
-STREAM = [c.name for c in configs.CONFIGS if c.kernel == "stream"]
+# --- v4 stream / v5 ring kernels (decode): every config, K split off and on, odd shapes, every V / M --------
+STREAM = [c.name for c in configs.CONFIGS if c.kernel in ("stream", "ring")]
 
 
 @pytest.mark.parametrize("cfg", STREAM)
@@ -149,6 +149,7 @@ STREAM = [c.name for c in configs.CONFIGS if c.kernel == "stream"]
 @pytest.mark.parametrize("ctas_per_sm", [0.001, 2.0, 8.0])  # split 1 / the default / many splits
 def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
     monkeypatch.setattr(ops, "STREAM_CTAS_PER_SM", ctas_per_sm)
+    monkeypatch.setattr(ops, "RING_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(ops, "STREAM_PARTIAL_SHARE", 100.0 if ctas_per_sm > 2 else ops.STREAM_PARTIAL_SHARE)
     c = configs.BY_NAME[cfg]
     cases = [(4096, 4096, 64, 8), (1536, 576, 64, 16), (200, 264, 32, 4), (136, 520, 128, 32), (4096, 11008, 128, 8),
@@ -159,36 +160,34 @@ def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
             p, _ = packed_weight(R, K, v, m, dtype)
             chosen, kw, split, steps = ops.choose_config(T, p.values.shape[0], p.values.shape[1], v, m, 132,
                                                          227 * 1024, cfg)
-            assert chosen.name == cfg and steps % 2 == 0
+            if chosen.name != cfg:  # one pair's x chunk + the ring do not fit: the documented fallback
+                assert c.smem_bytes(m, 2, 2, T) > ops.STREAM_SMEM_CAP
+                continue
+            assert steps % 2 == 0
             nsteps = p.values.shape[1] // 8
-            if ctas_per_sm < 0.005 and c.smem_bytes(m, 2, nsteps + nsteps % 2) <= ops.STREAM_SMEM_CAP:
+            if ctas_per_sm < 0.005 and c.smem_bytes(m, 2, nsteps + nsteps % 2, T) <= ops.STREAM_SMEM_CAP:
                 assert split == 1
+            if ctas_per_sm > 2 and c.kernel == "ring" and nsteps >= 4 * c.warps_n:
+                assert split > 1  # the global split of the ring kernel runs too
             run_case(R, K, v, m, dtype, T, bias=(T % 2 == 1), config=cfg)
 
 
-def test_decode_uses_stream_kernel():
-    for T in (1, 8, 9, 16):
-        for v in (16, 32, 64, 128):
-            for R, m in ((4096, 8), (4096, 16), (768, 8)):
-                cfg = ops.choose_config(T, R, 4096 // m, v, m, 132, 227 * 1024)[0]
-                if T > 8 and R >= 2048 and m <= 8:  # the v2 decode tile wins there (sweep)
-                    assert cfg.name == "decode16x8"
-                else:
-                    assert cfg.kernel == "stream" and T <= cfg.bn and v % cfg.wm == 0
-
-
-def test_stream_split_deterministic_and_counters_reset():
+@pytest.mark.parametrize("kernel", ["stream", "ring"])
+def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
+    """The one-launch global split-K (v4 always, v5 on small layers): bitwise the same result every call,
+    whoever arrives last, and every arrival counter back at zero."""
     R, K, v, m, dtype = 4096, 4096, 64, 8, torch.float16
+    monkeypatch.setattr(ops, "RING_CTAS_PER_SM", 8.0)  # the ring splits only small layers by default
+    name = "stream_n1r2" if kernel == "stream" else "ring_n1r1"
     p, wd = packed_weight(R, K, v, m, dtype)
     x = torch.randn(8, K, device=DEV).to(dtype)
-    cfg, kw, split, steps = ops.choose_config(8, 4096, 512, v, m, torch.cuda.get_device_properties(0).multi_processor_count,
-                                              227 * 1024)
-    assert cfg.kernel == "stream" and split > 1
-    ys = [kernels.spmm(x, p.values, p.columns, p.meta, None, v, m, R) for _ in range(5)]
+    cfg, kw, split, steps = ops.choose_config(8, 4096, 512, v, m, 132, 227 * 1024, name)
+    assert cfg.kernel == kernel and split > 1
+    ys = [ops._spmm_cuda(x, p.values, p.columns, p.meta, None, v, m, R, config=name) for _ in range(5)]
     torch.cuda.synchronize()
     assert all(torch.equal(ys[0], y) for y in ys[1:])
     assert all(int(c.abs().sum()) == 0 for c in ops._COUNTERS.values())
-    check(ys[0], x, wd, None, dtype, "stream split")
+    check(ys[0], x, wd, None, dtype, f"{kernel} split")
 
 
 def test_prefill_uses_kt_kernel():
@@ -211,9 +210,10 @@ def test_transpose_kmajor(T, K):
 
 
 def test_split_k_used_and_exact():
-    cfg, kw, split, steps = ops.choose_config(1, 4096, 512, 64, 8, 132, 227 * 1024)
+    # a short layer with a long K: too few row CTAs, so the default decode kernel splits K across CTAs
+    cfg, kw, split, steps = ops.choose_config(1, 576, 512, 64, 8, 132, 227 * 1024)
     assert split > 1
-    run_case(4096, 4096, 64, 8, torch.float16, 1)
+    run_case(576, 4096, 64, 8, torch.float16, 1)
 
 
 # --- layouts ---------------------------------------------------------------------------------------------

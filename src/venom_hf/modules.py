@@ -249,8 +249,8 @@ class VNMSparseLinear(nn.Module):
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
         group = getattr(self, "_fused_group", None)  # getattr: layers pickled before fusion existed
-        if group is not None and not torch.compiler.is_compiling():
-            y = group.output_for(self, x)
+        if group is not None:
+            y = group.traced_output_for(self, x) if torch.compiler.is_compiling() else group.output_for(self, x)
             if y is not None:
                 return y
         return spmm(x, self.weight_values, self.weight_columns, self.weight_meta, self.bias,
@@ -367,6 +367,8 @@ class _FusedProjections:
             m._fused_group, m._fused_index = self, i
         self._views = [self._pointers(m) for m in members]
         self._x = self._y = None
+        self._traced_x = self._traced_y = None
+        self._traced_served = 0
         self._x_version = -1
         self._served = 0
         self._warned = False
@@ -402,6 +404,24 @@ class _FusedProjections:
         self._served += 1
         if self._served >= len(self._members):  # every member has its slice: drop the references
             self._x = self._y = None
+        return y
+
+    def traced_output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused path while dynamo traces (``torch.compile``): inductor does not merge repeated custom-op
+        calls, so the trace itself must call the SpMM once per input. Within one traced graph the same
+        input is the same traced value, so identity is the whole check (the version counter and pointers
+        of the eager path do not exist there; a graph is re-traced when parameters change)."""
+        if self._traced_x is not x:
+            self._traced_y = spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m,
+                                  self.rows)
+            self._traced_x, self._traced_served = x, 0
+        off = self.row_offsets[member._fused_index]
+        y = self._traced_y[..., off : off + member.out_features]
+        self._traced_served += 1
+        if self._traced_served >= len(self._members):
+            # back to the state the trace started from: dynamo replays these attribute writes after each
+            # call, and a left-over tensor would change the guards (a re-compile) and keep the output alive
+            self._traced_x = self._traced_y = None
         return y
 
     def release(self) -> None:
@@ -442,8 +462,8 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUS
     same spec, ``in_features``, dtype and device, and fuses them (a group with a missing or dense member
     is left alone). Memory does not grow: the members' parameters become views of the concatenation.
     The forward results are the same as unfused (each member's rows of one larger SpMM); state dicts
-    and ``save_pretrained`` write the members' own tensors as before. ``torch.compile`` traces the
-    unfused path. After ``model.to(...)`` call this again. Returns the number of groups fused.
+    and ``save_pretrained`` write the members' own tensors as before. Under ``torch.compile`` the trace
+    holds one SpMM per group too. After ``model.to(...)`` call this again. Returns the number of groups fused.
     """
     fused = 0
     for parent in model.modules():

@@ -35,7 +35,8 @@ class TileConfig:
 
     @property
     def bn(self) -> int:
-        return self.wn * self.warps_n
+        """Tokens per CTA (ring configs: warps_n counts the warps that split K, not token tiles)."""
+        return self.wn if self.kernel == "ring" else self.wn * self.warps_n
 
     @property
     def threads(self) -> int:
@@ -44,7 +45,7 @@ class TileConfig:
     @property
     def kws(self) -> tuple[int, ...]:
         """The KW values this config is built with."""
-        return (self.kw_fixed,) if self.kernel in ("kt", "stream") else KWS
+        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring") else KWS
 
     @property
     def rt(self) -> int:
@@ -57,8 +58,15 @@ class TileConfig:
         xpitch = kw * 8 * m + 8
         return self.bn * xpitch * 2 + self.bm * (kw * 32 + 16) + self.bm * (kw * 8 + 8) + self.warps_m * kw * 32
 
-    def smem_bytes(self, m: int, kw: int, steps: int = 0) -> int:
-        """Dynamic shared memory of one launch (kt: + the column indices of ``steps`` k-steps)."""
+    def smem_bytes(self, m: int, kw: int, steps: int = 0, tokens: int = 0) -> int:
+        """Dynamic shared memory of one launch (kt: + the column indices of ``steps`` k-steps; ring: x is
+        staged for min(tokens, bn) rows, all bn when tokens is 0)."""
+        if self.kernel == "ring":  # weight ring + x chunk + column words + the k-split partials
+            steps = steps + steps % 2
+            rows = min(tokens, self.bn) if tokens else self.bn
+            ring = self.warps_m * self.warps_n * self.stages * self.rt * 1280
+            red = (self.warps_n - 1) * self.warps_m * self.rt * (self.wn // 8) * 512
+            return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4 + red
         if self.kernel == "stream":  # x chunk [8*NT][steps*8*M + 8] halves + column words per warp
             steps = steps + steps % 2
             return (self.bn * (steps * 8 * m + 8) * 2) + self.warps_m * steps * 8 * 4
@@ -69,6 +77,9 @@ class TileConfig:
 
     def expr(self, bf16: bool, kw: int) -> str:
         b = "true" if bf16 else "false"
+        if self.kernel == "ring":  # spatha_spmm_ring<BF16, NT, RT, RW, KS, S>
+            return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
+                    f"{self.stages}>")
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
             return f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}>"
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
@@ -99,6 +110,15 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("stream_n2r2", 32, 16, 8, 1, 2, "stream", 2),
     TileConfig("stream_n1r1", 16, 8, 8, 1, 2, "stream", 2),
     TileConfig("stream_n2r1", 16, 16, 8, 1, 2, "stream", 2),
+    # v5 decode (per-warp cp.async weight ring, K split among the CTA's warps): ring_n<NT>r<RT>[k<KS>|w<RW>];
+    # warps_m = RW row warps, warps_n = KS k-split warps, stages = S ring stages. Kept from the run-10
+    # sweep (docs/perf-notes.md v5): 2 x 4 warps (1-2 tokens), 1 x 8 (small layers), 8 x 1 (3-16 tokens:
+    # more rows per CTA, so less x staged per weight byte)
+    TileConfig("ring_n1r1", 16, 8, 2, 4, 4, "ring", 2),
+    TileConfig("ring_n1r1k8", 16, 8, 1, 8, 4, "ring", 2),
+    TileConfig("ring_n1r1w8", 16, 8, 8, 1, 4, "ring", 2),
+    TileConfig("ring_n2r1", 16, 16, 2, 4, 4, "ring", 2),
+    TileConfig("ring_n2r2w8", 32, 16, 8, 1, 3, "ring", 2),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 

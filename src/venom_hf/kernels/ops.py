@@ -2,8 +2,8 @@
 
 The CUDA path runs the Spatha kernels of csrc/spatha.cuh (built by NVRTC, see nvrtc.py) directly on the
 canonical tensors of docs/format.md (no weight re-layout, no cache of derived tensors):
-* decode (<= 16 tokens): the v4 register weight-stream kernel (split-K inside one launch), or the v2
-  decode tile where the H100 sweep says it wins (9-16 tokens on tall M = 8 layers);
+* decode (<= 16 tokens): the v5 ring kernel (weights through a per-warp cp.async ring, K split among a
+  CTA's warps), the v4 register weight-stream kernel where the H100 sweep says it wins, v2 as fallback;
 * 17-64 tokens: the v2 kernel;
 * prefill (>= 65 tokens): one K-major copy of the activations per call (x^T) + the kt gather kernel.
 Everything else (CPU, fp32, compute capability < 8.0, no NVRTC, V not a multiple of 16, ...) runs the
@@ -197,20 +197,35 @@ STREAM_SMEM_CAP = 100 * 1024  # two CTAs per SM
 STREAM_PARTIAL_SHARE = 0.25   # partial-sum bytes <= this share of the weight bytes
 
 
+# Below this many padded rows a layer is "small" at decode: the ring kernel's 16-row CTAs (1 x 8 warps
+# splitting K) fill the GPU best there (576-1536-row layers, run-10 sweep).
+RING_SMALL_ROWS = 2048
+
+
 def _decode_order(T: int, Rp: int, v: int, m: int) -> list:
-    """Decode tile configs, best first (H100 sweep, docs/perf-notes.md v4): 1-8 tokens the stream kernel
-    (two 16-row tiles per warp where V allows and the layer is tall, else one); 9-16 tokens the stream
-    kernel on small layers and at M >= 16, the v2 decode16x8 tile on tall M = 8 layers (10.9 vs 12.5 us
-    on 4096x4096)."""
+    """Decode tile configs, best first (H100 sweep of run 10, docs/perf-notes.md v5): the v5 ring kernel
+    almost everywhere; the v4 stream kernel where it measured faster (9-16 tokens on <= 4096-row layers at
+    M >= 16) and as the fallback with the v2 decode tiles. Token classes: 1-2 tokens stage little x, so 32-row
+    CTAs (2 row warps x 4 k-split warps); from 3 tokens on, 128-row CTAs (8 row warps) stage x once per
+    128 rows instead of per 32 (measured at 1, 8 and 16 tokens; 2 and 3-7 interpolated)."""
     B = _cfg.BY_NAME
+    small = Rp < RING_SMALL_ROWS
+    if T <= 2:
+        ring = [B["ring_n1r1k8"] if small else B["ring_n1r1"]]
+    elif T <= 8:
+        ring = [B["ring_n1r1k8"] if small else B["ring_n1r1w8"]]
+    elif small:
+        ring = [B["ring_n2r1"]]
+    elif m >= 16 and Rp <= 4096:
+        ring = [B["stream_n2r1"], B["ring_n2r2w8"]]
+    else:
+        ring = [B["ring_n2r2w8"]]
     if T <= 8:
         r2, r1 = B["stream_n1r2"], B["stream_n1r1"]
         order = [r1] if v % 32 else ([r2, r1] if Rp >= 2048 else [r1, r2])
-    elif Rp >= 2048 and m <= 8:
-        order = [B["decode16x8"]]
     else:
         order = [B["stream_n2r1"]]
-    return order + [B["decode16x8"], B["decode16"]]
+    return ring + [c for c in order if c not in ring] + [B["ring_n1r1"], B["ring_n2r1"], B["decode16x8"], B["decode16"]]
 
 
 def _stream_split(cfg, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int) -> tuple[int, int]:
@@ -230,6 +245,27 @@ def _stream_split(cfg, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int
     return math.ceil(nsteps / steps), steps
 
 
+# v5 ring kernel: the rows alone usually give enough CTAs (K is split among a CTA's warps); a global
+# split (one launch, as v4) only where the row CTAs are fewer than this share of the SMs, or where the
+# x chunk of the whole K does not fit next to the ring.
+RING_CTAS_PER_SM = 1.0
+
+
+def _ring_split(cfg, T: int, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int) -> tuple[int, int]:
+    """(split count, k-steps per split) of the ring kernel; (0, 0) when one pair's x chunk does not fit."""
+    cap = min(max_smem, STREAM_SMEM_CAP)
+    if cfg.smem_bytes(m, 2, 2, T) > cap:
+        return 0, 0
+    row_ctas = math.ceil(Rp / cfg.bm)
+    # every k-split warp keeps at least one pair of k-steps
+    split = max(1, min(round(RING_CTAS_PER_SM * num_sms / row_ctas), nsteps // (2 * cfg.warps_n), 64))
+    steps = math.ceil(nsteps / split)
+    steps += steps % 2
+    while steps > 2 and cfg.smem_bytes(m, 2, steps, T) > cap:
+        steps -= 2
+    return math.ceil(nsteps / steps), steps
+
+
 _CHOICES: dict[tuple, tuple] = {}
 
 
@@ -242,7 +278,7 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
     key = (T, Rp, Gp, v, m, num_sms, max_smem, name, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
-           KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
+           RING_CTAS_PER_SM, RING_SMALL_ROWS, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
@@ -262,10 +298,13 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
     order += [B["decode16"]]
     nsteps = Gp // 8
     for c in order:
-        if c.kernel == "stream":
+        if c.kernel in ("stream", "ring"):
             if v % c.wm or T > c.bn:
                 continue
-            split, steps = _stream_split(c, Rp, nsteps, m, num_sms, max_smem)
+            if c.kernel == "ring":
+                split, steps = _ring_split(c, T, Rp, nsteps, m, num_sms, max_smem)
+            else:
+                split, steps = _stream_split(c, Rp, nsteps, m, num_sms, max_smem)
             if steps:
                 return c, 2, split, steps
             continue
@@ -352,7 +391,7 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
     y = torch.empty((T, R), dtype=x.dtype, device=x.device)
     bf16 = x.dtype == torch.bfloat16
     kt = cfg.kernel == "kt"
-    stream_k = cfg.kernel == "stream"
+    stream_k = cfg.kernel in ("stream", "ring")
     if stream_k:
         return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead)
     ws = torch.empty((split, T, R), dtype=torch.float32, device=x.device) if split > 1 else None
@@ -414,7 +453,7 @@ def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m
             ldx, R, T, K, R, Rp, Gp, v, m, steps, split,
             cnt.data_ptr() if cnt is not None else None,
         )
-        mod.launch(expr, (row_ctas, split, 1), (cfg.threads, 1, 1), cfg.smem_bytes(m, 2, steps), stream, p)
+        mod.launch(expr, (row_ctas, split, 1), (cfg.threads, 1, 1), cfg.smem_bytes(m, 2, steps, T), stream, p)
     return y.view(*lead, R)
 
 
