@@ -17,7 +17,7 @@ timeout 100 python3 benchmarks/spmm.py --dtype bf16 --shapes llama7b --tokens 1,
 echo "bf16 table rc=$?"; cp /tmp/bf16/spmm.json "$OUT/spmm_bf16.json"; rm -f "$OUT/fp16/sweep.json"
 timeout ${MODELS_TIMEOUT:-330} python3 benchmarks/models.py --models llama7b \
     --formats dense 2:4 64:2:8 64:2:8+fused 64:2:16 64:2:16+fused --compile --decode-batches 1 8 --out "$OUT/models" --plot \
-    2>&1 | grep -v -E "it/s|Loading weights|UserWarning|return cls|warnings.warn|^\{" | tee "$OUT/models.log"
+    2>&1 | grep -v -E "it/s|Loading weights|UserWarning|return cls|warnings.warn|^\{" | tee /tmp/models.log
 if [[ ${NCU:-1} == 1 ]] && command -v ncu >/dev/null; then
   timeout 120 ncu --clock-control none -k regex:spatha_spmm_ring --launch-skip 3 --launch-count 1 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
