@@ -100,7 +100,7 @@ def main():
     ap.add_argument("--dtype", default="all", choices=["all", "fp16", "bf16"],
                     help="restrict the full plan to one dtype (fp16: 4 specs, bf16: 64:2:8 and 64:2:16)")
     ap.add_argument("--sweep", action="store_true", help="time every tile config on a few cases first")
-    ap.add_argument("--sweep-set", default="all", choices=["all", "decode", "prefill"])
+    ap.add_argument("--sweep-set", default="all", choices=["all", "decode", "prefill", "tall8"])
     ap.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     ap.add_argument("--sweep-configs", default="", help="comma-separated substrings of the config names to sweep")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
@@ -140,6 +140,9 @@ def main():
                    ((576, 1536), 1, "64:2:8")]
         if args.sweep_set == "decode":
             cases = decode
+        elif args.sweep_set == "tall8":  # 3-8 tokens on tall layers (Llama-7B, fused q|k|v and gate|up)
+            cases = [((R, K), T, spec) for (R, K) in ((4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096),
+                                                      (22016, 4096)) for T in (4, 8) for spec in ("64:2:8", "64:2:16")]
         elif args.sweep_set == "all":
             cases = cases + [c for c in decode if c not in cases]
         else:

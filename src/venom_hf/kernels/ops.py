@@ -197,35 +197,35 @@ STREAM_SMEM_CAP = 100 * 1024  # two CTAs per SM
 STREAM_PARTIAL_SHARE = 0.25   # partial-sum bytes <= this share of the weight bytes
 
 
-# Below this many padded rows a layer is "small" at decode: the ring kernel's 16-row CTAs (1 x 8 warps
-# splitting K) fill the GPU best there (576-1536-row layers, run-10 sweep).
+# "Small" layers at decode (run-10 sweep): below these padded row counts the ring kernel's 16-row CTAs
+# (1 x 8 warps splitting K) fill the GPU best at <= 8 tokens, and 32-row ones at 9-16 tokens.
 RING_SMALL_ROWS = 2048
+RING_SMALL_ROWS_16 = 4096
 
 
 def _decode_order(T: int, Rp: int, v: int, m: int) -> list:
-    """Decode tile configs, best first (H100 sweep of run 10, docs/perf-notes.md v5): the v5 ring kernel
-    almost everywhere; the v4 stream kernel where it measured faster (9-16 tokens on <= 4096-row layers at
-    M >= 16) and as the fallback with the v2 decode tiles. Token classes: 1-2 tokens stage little x, so 32-row
-    CTAs (2 row warps x 4 k-split warps); from 3 tokens on, 128-row CTAs (8 row warps) stage x once per
-    128 rows instead of per 32 (measured at 1, 8 and 16 tokens; 2 and 3-7 interpolated)."""
+    """Decode tile configs, best first (H100 sweeps of run 10, docs/perf-notes.md v5). The v5 ring kernel
+    for 1-2 tokens (32-row CTAs of 2 row warps x 4 k-split warps), for small layers at any decode size,
+    and for 9-16 tokens on tall layers (128-row CTAs: x staged once per 128 rows); the v4 stream kernel
+    where it measured faster: 3-8 tokens on tall layers, 1-2 tokens on > 4096-row layers at M >= 16, and
+    9-16 tokens on <= 4096-row layers at M >= 16. The rest of the list is the fallback order."""
     B = _cfg.BY_NAME
-    small = Rp < RING_SMALL_ROWS
-    if T <= 2:
-        ring = [B["ring_n1r1k8"] if small else B["ring_n1r1"]]
-    elif T <= 8:
-        ring = [B["ring_n1r1k8"] if small else B["ring_n1r1w8"]]
-    elif small:
-        ring = [B["ring_n2r1"]]
-    elif m >= 16 and Rp <= 4096:
-        ring = [B["stream_n2r1"], B["ring_n2r2w8"]]
-    else:
-        ring = [B["ring_n2r2w8"]]
+    v4_small = [B["stream_n1r1"]] if v % 32 else [B["stream_n1r2"], B["stream_n1r1"]]
     if T <= 8:
-        r2, r1 = B["stream_n1r2"], B["stream_n1r1"]
-        order = [r1] if v % 32 else ([r2, r1] if Rp >= 2048 else [r1, r2])
+        if Rp < RING_SMALL_ROWS:
+            first = [B["ring_n1r1k8"]]
+        elif T <= 2 and not (m >= 16 and Rp > 4096):
+            first = [B["ring_n1r1"]]
+        else:
+            first = v4_small
+    elif Rp < RING_SMALL_ROWS_16:
+        first = [B["ring_n2r1"]]
+    elif m >= 16 and Rp <= 4096:
+        first = [B["stream_n2r1"]]
     else:
-        order = [B["stream_n2r1"]]
-    return ring + [c for c in order if c not in ring] + [B["ring_n1r1"], B["ring_n2r1"], B["decode16x8"], B["decode16"]]
+        first = [B["ring_n2r2w8"]]
+    rest = [B[n] for n in ("ring_n1r1", "ring_n2r1", "stream_n1r1", "stream_n2r1", "decode16x8", "decode16")]
+    return first + [c for c in v4_small + rest if c not in first]
 
 
 def _stream_split(cfg, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int) -> tuple[int, int]:
@@ -278,7 +278,7 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
     key = (T, Rp, Gp, v, m, num_sms, max_smem, name, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
-           RING_CTAS_PER_SM, RING_SMALL_ROWS, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
+           RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
