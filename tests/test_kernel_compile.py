@@ -91,7 +91,7 @@ def test_decode_dispatch():
     every choice fits its V and token count."""
     expect = {  # (T, R, m) -> config for V >= 32
         (1, 4096, 8): "ring_n1r1", (1, 768, 8): "ring_n1r1k8", (1, 11008, 16): "stream_n1r2",
-        (8, 4096, 8): "ring_n1r1w8", (3, 11008, 16): "ring_n1r1w8", (8, 22016, 8): "stream_n1r2",
+        (8, 4096, 8): "stream_n1r2", (3, 11008, 16): "stream_n1r2", (8, 22016, 8): "stream_n1r2",
         (8, 768, 8): "ring_n1r1k8", (16, 4096, 8): "ring_n2r2w8",
         (16, 11008, 16): "ring_n2r2w8", (16, 4096, 16): "stream_n2r1", (16, 768, 8): "ring_n2r1",
         (16, 3072, 8): "ring_n2r1",

@@ -112,11 +112,10 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("stream_n2r1", 16, 16, 8, 1, 2, "stream", 2),
     # v5 decode (per-warp cp.async weight ring, K split among the CTA's warps): ring_n<NT>r<RT>[k<KS>|w<RW>];
     # warps_m = RW row warps, warps_n = KS k-split warps, stages = S ring stages. Kept from the run-10
-    # sweeps (docs/perf-notes.md v5): 2 x 4 warps (1-2 tokens), 1 x 8 (small layers), 8 x 1 (3-16 tokens:
+    # sweeps (docs/perf-notes.md v5): 2 x 4 warps (1-2 tokens), 1 x 8 (small layers), 8 x 1 (9-16 tokens:
     # more rows per CTA, so less x staged per weight byte)
     TileConfig("ring_n1r1", 16, 8, 2, 4, 4, "ring", 2),
     TileConfig("ring_n1r1k8", 16, 8, 1, 8, 4, "ring", 2),
-    TileConfig("ring_n1r1w8", 16, 8, 8, 1, 4, "ring", 2),
     TileConfig("ring_n2r1", 16, 16, 2, 4, 4, "ring", 2),
     TileConfig("ring_n2r2w8", 32, 16, 8, 1, 3, "ring", 2),
 )

@@ -201,17 +201,16 @@ STREAM_PARTIAL_SHARE = 0.25   # partial-sum bytes <= this share of the weight by
 # (1 x 8 warps splitting K) fill the GPU best at <= 8 tokens, and 32-row ones at 9-16 tokens.
 RING_SMALL_ROWS = 2048
 RING_SMALL_ROWS_16 = 4096
-# 3-8 tokens: 128-row ring CTAs (8 row warps) up to this many rows; the v4 stream kernel above (22016-row
-# fused gate|up: 33 vs 40 us at 8 tokens, run-10 sweep)
-RING_W8_MAX_ROWS = 12288
 
 
 def _decode_order(T: int, Rp: int, v: int, m: int) -> list:
-    """Decode tile configs, best first (H100 sweeps of run 10, docs/perf-notes.md v5). The v5 ring kernel
-    for 1-2 tokens (32-row CTAs of 2 row warps x 4 k-split warps), for small layers at any decode size,
-    and for 3-16 tokens on tall layers (128-row CTAs: x staged once per 128 rows instead of per 32); the
-    v4 stream kernel where it measured faster: 3-8 tokens on > 12288-row layers, 1-2 tokens on > 4096-row
-    layers at M >= 16, 9-16 tokens on <= 4096-row layers at M >= 16. The rest is the fallback order."""
+    """Decode tile configs, best first (H100, run 10, docs/perf-notes.md v5). The v5 ring kernel for 1-2
+    tokens (32-row CTAs of 2 row warps x 4 k-split warps), for small layers at any decode size, and for
+    9-16 tokens on tall layers (128-row CTAs: x staged once per 128 rows instead of per 32). The v4 stream
+    kernel where it measured faster: 1-2 tokens on > 4096-row layers at M >= 16, 9-16 tokens on <= 4096-row
+    layers at M >= 16, and 3-8 tokens on tall layers (128-row ring CTAs won the isolated-layer sweep there
+    but lost the Llama-7B-shaped batch-8 decode step: 1.33x vs 1.49x dense, eager). The rest is the
+    fallback order."""
     B = _cfg.BY_NAME
     v4_small = [B["stream_n1r1"]] if v % 32 else [B["stream_n1r2"], B["stream_n1r1"]]
     if T <= 8:
@@ -219,8 +218,6 @@ def _decode_order(T: int, Rp: int, v: int, m: int) -> list:
             first = [B["ring_n1r1k8"]]
         elif T <= 2 and not (m >= 16 and Rp > 4096):
             first = [B["ring_n1r1"]]
-        elif T > 2 and Rp <= RING_W8_MAX_ROWS:
-            first = [B["ring_n1r1w8"]]
         else:
             first = v4_small
     elif Rp < RING_SMALL_ROWS_16:
@@ -283,7 +280,7 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
     key = (T, Rp, Gp, v, m, num_sms, max_smem, name, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
-           RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_W8_MAX_ROWS, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
+           RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
