@@ -99,6 +99,29 @@ def test_torch_compile_of_a_fused_model_calls_one_spmm_per_group_in_one_graph():
     torch._dynamo.reset()
 
 
+def test_torch_compile_after_to_traces_the_unfused_path():
+    """A group broken by ``.to()`` before compiling: the trace runs each member alone (as eager does), with
+    the members' own (moved) tensors, not the stale fused storage."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "venom.spmm" in str(n.target)))
+        return gm.forward
+
+    model = _tiny_llama(torch.float32)
+    fuse_projections(model)
+    model.double()  # the members' parameters are new tensors now
+    torch._dynamo.reset()
+    ids = torch.randint(0, 128, (1, 3))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        out = torch.compile(model, fullgraph=True, backend=counting_backend)(input_ids=ids, use_cache=False).logits
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert graphs == [7 * model.config.num_hidden_layers]
+    torch._dynamo.reset()
+
+
 def test_members_are_views_of_one_storage_and_state_dict_is_not():
     model = _tiny_llama()
     attn = model.model.layers[0].self_attn

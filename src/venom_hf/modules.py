@@ -406,11 +406,18 @@ class _FusedProjections:
             self._x = self._y = None
         return y
 
+    @torch.compiler.assume_constant_result
+    def _intact_at_trace(self) -> bool:
+        return self.intact()
+
     def traced_output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
         """The fused path while dynamo traces (``torch.compile``): inductor does not merge repeated custom-op
         calls, so the trace itself must call the SpMM once per input. Within one traced graph the same
         input is the same traced value, so identity is the whole check (the version counter and pointers
-        of the eager path do not exist there; a graph is re-traced when parameters change)."""
+        of the eager path do not exist there). Whether the members still live in the fused storage is
+        decided once, when the graph is traced (after ``.to()``: unfused, as in eager)."""
+        if not self._intact_at_trace():
+            return None
         if self._traced_x is not x:
             self._traced_y = spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m,
                                   self.rows)
