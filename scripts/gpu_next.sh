@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Prepared for the next GPU call (not run yet): the decode sweep and the fp16 table with cold weights
+# (`--cold`: every call streams its weights from HBM, as in a model; run 10 found the warm-L2 sweep misleading
+# at 3-8 tokens), to re-decide v4 vs v5 per shape; then the Llama-7B-shaped model step (the arbiter).
+source "$(dirname "$0")/gpu_common.sh"
+timeout 240 python3 benchmarks/spmm.py --out /tmp/sweep --sweep --sweep-set decode --sweep-only --cold \
+  --sweep-configs ring,stream,decode16x8 > /tmp/sweep.log 2>&1
+echo "cold sweep rc=$?"; cp /tmp/sweep/sweep.json "$OUT/sweep_cold.json"; grep -E "^sweep" /tmp/sweep.log | python3 scripts/sweep_best.py
+timeout 240 python3 benchmarks/spmm.py --dtype fp16 --cold --out "$OUT/cold" > /tmp/cold.log 2>&1
+echo "cold table rc=$?"; grep -E "took|Error" /tmp/cold.log | head -3
+timeout 300 python3 benchmarks/models.py --models llama7b --formats dense 64:2:8 64:2:8+fused 64:2:16+fused --compile \
+  --decode-batches 1 8 --out "$OUT/models" 2>&1 | grep -E "^\| llama7b .*decode step"
