@@ -746,6 +746,23 @@ struct StreamFrag {
 // One pair (2 k-steps) of one warp: RT 16-row tiles x NT 8-token tiles of mma.sp. f: the A registers of
 // the pair (layout in the header above), cw: the column words of the warp's V-block (staged groups), xr:
 // this lane's token row of each n-tile in the staged x chunk, u: the pair's index in the staged chunk.
+// The metadata registers of a pair: lane tig needs the nibbles of bytes {4j + tig} of rows g, g+8 (see
+// the header); each lane loaded 8 bytes of one row, 4 shuffles hand each lane its own.
+template <int RT>
+__device__ __forceinline__ void stream_pair_meta(const StreamFrag (&f)[RT], int lane, unsigned (&e)[RT]) {
+  const int tig = lane & 3;
+#pragma unroll
+  for (int i = 0; i < RT; ++i) {
+    const unsigned w = (f[i].meta.x & 0x0F0F0F0Fu) | ((f[i].meta.y & 0x0F0F0F0Fu) << 4);
+    const unsigned s0 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 0);
+    const unsigned s1 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 1);
+    const unsigned s2 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 2);
+    const unsigned s3 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 3);
+    const unsigned sel = tig | ((tig + 4) << 4);
+    e[i] = __byte_perm(__byte_perm(s0, s1, sel), __byte_perm(s2, s3, sel), 0x5410);
+  }
+}
+
 template <bool BF16, int NT, int RT>
 __device__ __forceinline__ void stream_pair_mma(float (&acc)[RT][NT][4], const StreamFrag (&f)[RT],
                                                 const unsigned* cw, const unsigned short* const (&xr)[NT],
@@ -753,7 +770,9 @@ __device__ __forceinline__ void stream_pair_mma(float (&acc)[RT][NT][4], const S
   const int tig = lane & 3;
   const int h = tig >> 1;
   const int csh = 16 * (tig & 1);  // this lane's 2 of the 4 column bytes of a group
-  // metadata nibbles: lane tig needs bytes {4j + tig} of rows g, g+8 (see the header)
+  // metadata nibbles: lane tig needs bytes {4j + tig} of rows g, g+8 (see the header). (The same code as
+  // stream_pair_meta, kept inline here: calling the helper changes the register allocation of the measured
+  // kernels.)
   unsigned e[RT];
 #pragma unroll
   for (int i = 0; i < RT; ++i) {
@@ -980,6 +999,37 @@ __global__ void __launch_bounds__(WR * 32)
   if (tid == 0) p.counters[blockIdx.x] = 0;
 }
 
+// The same pair for one 8-token tile, with B read from x pre-gathered per V-block (spatha_spmm_ring with
+// SEL): word gi*2 + q2 of this lane's token row holds the selected columns 2*q2, 2*q2+1 of group gi, so each
+// B register is ONE 32-bit shared load (the gather form: a column word + 2 two-byte loads).
+template <bool BF16, int RT>
+__device__ __forceinline__ void stream_pair_mma_sel(float (&acc)[RT][1][4], const StreamFrag (&f)[RT],
+                                                    const unsigned* xsel_row, int u, int lane) {
+  const int tig = lane & 3;
+  const int h = tig >> 1;
+  const int q2 = tig & 1;
+  unsigned e[RT];
+  stream_pair_meta<RT>(f, lane, e);
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int gl[4] = {16 * u + 4 * h + 2 * s, 16 * u + 8 + 4 * h + 2 * s, 16 * u + 4 * h + 1 + 2 * s,
+                       16 * u + 9 + 4 * h + 2 * s};
+    unsigned b[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) b[q] = xsel_row[gl[q] * 2 + q2];
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      if (s == 0) {
+        const unsigned a[4] = {f[i].v0.x, f[i].v1.x, f[i].v0.y, f[i].v1.y};
+        mma_sp_16832<BF16, 0>(acc[i][0], a, b, e[i]);
+      } else {
+        const unsigned a[4] = {f[i].v0.z, f[i].v1.z, f[i].v0.w, f[i].v1.w};
+        mma_sp_16832<BF16, 1>(acc[i][0], a, b, e[i]);
+      }
+    }
+  }
+}
+
 // =============================================================================================
 // v5 decode path (<= 16 tokens): spatha_spmm_ring -- the weight streams through a per-warp cp.async
 // ring in shared memory; the CTA's K range is split among its warps and reduced in shared memory.
@@ -1002,7 +1052,11 @@ __global__ void __launch_bounds__(WR * 32)
 //
 // Grid: (ceil(Rp / (16*RT*RW)), nsplit); block RW*KS warps. Host requirements as v4.
 // Dynamic shared memory (bytes): RW*KS*S*RT*1280 (ring) + TS*(steps*8*M + 8)*2 (x, TS = min(T, 8*NT))
-//   + RW*steps*8*4 (column words) + (KS-1)*RW*RT*NT*512 (partials), steps = steps_per_split rounded to even.
+//   + RW*steps*8*4 (column words) + (KS-1)*RW*RT*NT*512 (partials) [+ SEL: RW*TS*(steps*16 + 2)*4, the
+//   pre-gathered x], steps = steps_per_split rounded to even.
+// SEL (v5.1, NT = 1): after staging, the CTA gathers the selected columns of x once into pairs per row
+// warp, so each B register in the loop is one 32-bit shared load instead of a column word + 2 two-byte
+// loads: about 35 % fewer shared-memory instructions, which the run-10 profile says is the limiter (MIO).
 // =============================================================================================
 __device__ __forceinline__ void cp_async_16_mem(void* dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
@@ -1020,13 +1074,14 @@ __device__ __forceinline__ void cp_async_wait_mem() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-template <bool BF16, int NT, int RT, int RW, int KS, int S>
+template <bool BF16, int NT, int RT, int RW, int KS, int S, bool SEL = false>
 __global__ void __launch_bounds__(RW * KS * 32)
     spatha_spmm_ring(const SpmmParams p) {
   constexpr int NTH = RW * KS * 32;
   constexpr int TB = 1280;  // ring bytes per (stage, 16-row tile): v0 [32][16 B], v1 [32][16 B], meta [32][8 B]
   constexpr int FR = RT * NT * 4;
   static_assert(NT >= 1 && NT <= 2 && RT >= 1 && RW >= 1 && KS >= 1 && S >= 3, "ring config");
+  static_assert(!SEL || NT == 1, "the pre-gathered x (SEL) is built for one 8-token tile");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int s_last;
@@ -1060,6 +1115,11 @@ __global__ void __launch_bounds__(RW * KS * 32)
   unsigned short* xs = reinterpret_cast<unsigned short*>(smem_raw + NTH / 32 * S * RT * TB);  // [TS][XP]
   unsigned* cs = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(xs) + TS * XP * 2);  // [RW][ngp]
   float* red = reinterpret_cast<float*>(cs + RW * ngp);                             // [KS-1][RW][FR][32]
+  // SEL: x pre-gathered per row warp's V-block, [RW][TS][ngp*2 + 2] words after the partials (+2 words per
+  // row: token rows start 2 banks apart, so 8 token rows meet at most 2-way bank conflicts)
+  auto xsel_row = [&](int wt) {
+    return reinterpret_cast<unsigned*>(red + (KS - 1) * RW * FR * 32) + wt * (ngp * 2 + 2);
+  };
   const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
 
   // ---- x chunk (TS token rows) and the row warps' column words: cp.async group 0 ----------------------
@@ -1115,6 +1175,22 @@ __global__ void __launch_bounds__(RW * KS * 32)
   }
   cp_async_wait_mem<S - 1>();  // group 0 (x, column words) has landed for this thread ...
   __syncthreads();             // ... and for every thread
+  if (SEL) {
+    // once per CTA: the 4 selected columns of every staged group, per row warp and token, packed in pairs
+    // (the 2 halves of one B register); the main loop then needs neither column words nor 2-byte gathers
+    const int per_row = ngp * 2;
+    for (int i = tid; i < RW * TS * per_row; i += NTH) {
+      const int wt = i / per_row;  // row warp * TS + token
+      const int k = i - wt * per_row;
+      const int gi = k >> 1;
+      const int w = wt / TS;
+      const int t = wt - w * TS;
+      const unsigned c = cs[w * ngp + gi] >> (16 * (k & 1));
+      const unsigned short* xrow = xs + t * XP + gi * M;
+      xsel_row(wt)[k] = static_cast<unsigned>(xrow[c & 0xFF]) | (static_cast<unsigned>(xrow[(c >> 8) & 0xFF]) << 16);
+    }
+    __syncthreads();
+  }
 
   float acc[RT][NT][4];
 #pragma unroll
@@ -1141,7 +1217,11 @@ __global__ void __launch_bounds__(RW * KS * 32)
       f[i].v1 = *reinterpret_cast<const uint4*>(d + i * TB + 512 + lane * 16);
       f[i].meta = *reinterpret_cast<const uint2*>(d + i * TB + 1024 + lane * 8);
     }
-    stream_pair_mma<BF16, NT, RT>(acc, f, cw, xr, M, ks + KS * j, lane);
+    if constexpr (SEL) {
+      stream_pair_mma_sel<BF16, RT>(acc, f, xsel_row(rw * TS + min(g, TS - 1)), ks + KS * j, lane);
+    } else {
+      stream_pair_mma<BF16, NT, RT>(acc, f, cw, xr, M, ks + KS * j, lane);
+    }
   }
   cp_async_wait_mem<0>();
 

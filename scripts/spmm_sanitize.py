@@ -20,7 +20,8 @@ for (R, K, v, m, T, cfg) in [(200, 300, 64, 8, 1, None), (136, 520, 16, 16, 33, 
                              (4096, 1000, 32, 4, 8, "stream_n1r1"), (1000, 4096, 64, 16, 13, "stream_n2r2"),
                              (200, 300, 64, 8, 1, "ring_n1r1"), (136, 520, 16, 32, 16, "ring_n2r1"),
                              (4096, 1000, 32, 4, 8, "ring_n1r1"), (1000, 4096, 64, 16, 13, "ring_n2r2w8"),
-                             (576, 576, 64, 8, 3, "ring_n1r1k8")]:
+                             (576, 576, 64, 8, 3, "ring_n1r1k8"),
+                             (200, 300, 64, 8, 5, "ring_n1r1sel"), (1000, 4096, 32, 16, 8, "ring_n1r1k8sel")]:
     for dt in (torch.float16, torch.bfloat16):
         w = torch.randn(R, K, device=dev).to(dt)
         p = vf.pack(w, f"{v}:2:{m}")

@@ -28,6 +28,7 @@ class TileConfig:
     stages: int
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
+    sel: bool = False  # ring configs: x pre-gathered per V-block (v5.1, one 8-token tile)
 
     @property
     def bm(self) -> int:
@@ -66,7 +67,8 @@ class TileConfig:
             rows = min(tokens, self.bn) if tokens else self.bn
             ring = self.warps_m * self.warps_n * self.stages * self.rt * 1280
             red = (self.warps_n - 1) * self.warps_m * self.rt * (self.wn // 8) * 512
-            return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4 + red
+            xsel = self.warps_m * rows * (steps * 16 + 2) * 4 if self.sel else 0
+            return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4 + red + xsel
         if self.kernel == "stream":  # x chunk [8*NT][steps*8*M + 8] halves + column words per warp
             steps = steps + steps % 2
             return (self.bn * (steps * 8 * m + 8) * 2) + self.warps_m * steps * 8 * 4
@@ -77,9 +79,10 @@ class TileConfig:
 
     def expr(self, bf16: bool, kw: int) -> str:
         b = "true" if bf16 else "false"
-        if self.kernel == "ring":  # spatha_spmm_ring<BF16, NT, RT, RW, KS, S>
+        if self.kernel == "ring":  # spatha_spmm_ring<BF16, NT, RT, RW, KS, S[, SEL]>
+            sel = ", true" if self.sel else ""
             return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
-                    f"{self.stages}>")
+                    f"{self.stages}{sel}>")
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
             return f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}>"
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
@@ -118,6 +121,10 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("ring_n1r1k8", 16, 8, 1, 8, 4, "ring", 2),
     TileConfig("ring_n2r1", 16, 16, 2, 4, 4, "ring", 2),
     TileConfig("ring_n2r2w8", 32, 16, 8, 1, 3, "ring", 2),
+    # v5.1 (prepared in session 4, NOT run on a GPU yet, so not dispatched): the ring with x pre-gathered
+    # per V-block, fewer shared-memory instructions per pair (docs/perf-notes.md v5.1)
+    TileConfig("ring_n1r1sel", 16, 8, 2, 4, 4, "ring", 2, sel=True),
+    TileConfig("ring_n1r1k8sel", 16, 8, 1, 8, 4, "ring", 2, sel=True),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 
