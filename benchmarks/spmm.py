@@ -79,13 +79,14 @@ def time_graph(fn, inner=20, reps=15) -> float:
 L2_BYTES = 50 * 2**20  # H100 / H200 L2
 
 
-def cold(make_call, tensors, copies_for_bytes):
+def cold(make_call, tensors, copies_for_bytes, copy=lambda t: t.clone()):
     """A callable for time_graph that runs ``make_call(*copy)`` on copies of ``tensors`` in turn, with enough
     copies that their bytes are twice the L2 (``--cold``): every call streams its weights from HBM, as in a
     model, where a layer's weights are long evicted by the other layers when it runs again. Without it, 20
-    calls of one layer whose weights fit the 50 MB L2 read them from L2 (flatters small and sparse weights)."""
+    calls of one layer whose weights fit the 50 MB L2 read them from L2 (flatters small and sparse weights).
+    ``copy`` makes one copy of a tensor (cuSPARSELt tensors are re-compressed, not cloned)."""
     n = max(1, min(20, math.ceil(2 * L2_BYTES / max(1, copies_for_bytes))))
-    sets = [tuple(tensors)] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+    sets = [tuple(tensors)] + [tuple(copy(t) for t in tensors) for _ in range(n - 1)]
     state = {"i": 0}
 
     def call():
@@ -249,15 +250,8 @@ def main():
                         e24 = ((y24.double() - x.double() @ w24.double().T).norm() / (x.double() @ w24.double().T).norm()).item()
                         if e24 < 2e-2:
                             if args.cold:  # the compressed 2:4 tensor is half the dense bytes + metadata
-                                copies = [w24s] + [to_sparse_24(w24) for _ in range(max(0, min(19, math.ceil(
-                                    2 * L2_BYTES / (nbytes(w) * 9 // 16))) - 1))]
-                                state = {"i": 0}
-
-                                def call24():
-                                    state["i"] += 1
-                                    return F.linear(x, copies[state["i"] % len(copies)])
-
-                                cusparselt_us = time_graph(call24)
+                                cusparselt_us = time_graph(cold(lambda w_: F.linear(x, w_), [w24s], nbytes(w) * 9 // 16,
+                                                                copy=lambda _: to_sparse_24(w24)))
                             else:
                                 cusparselt_us = time_graph(lambda: F.linear(x, w24s))
                     except Exception as e:

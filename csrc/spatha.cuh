@@ -816,6 +816,80 @@ __device__ __forceinline__ void stream_pair_mma(float (&acc)[RT][NT][4], const S
   }
 }
 
+// Epilogue of the decode kernels (v4 stream, v5 ring). One split (p.nsplit == 1): + bias, write y. Else
+// one-launch split-K: each warp slot (slot of slots per CTA) writes its fp32 partials in fragment order;
+// the last CTA of the row group to arrive (atomic counter) sums all splits in fixed split order (so the
+// result does not depend on who is last), adds the bias, writes y and resets the counter. Every thread of
+// the CTA must call it (barriers); `partials` / `reduces` say which warps write / sum.
+template <bool BF16, int NT, int RT>
+__device__ __forceinline__ void stream_epilogue(const SpmmParams& p, float (&acc)[RT][NT][4], int wrow, int slot,
+                                                int slots, bool partials, bool reduces, int& s_last) {
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int split = blockIdx.y;
+  const unsigned short* bias16 = reinterpret_cast<const unsigned short*>(p.bias);
+  unsigned short* y16 = reinterpret_cast<unsigned short*>(p.y);
+  auto write_out = [&]() {
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = wrow + i * 16 + g + 8 * hh;
+        if (row >= p.R) continue;
+        const float bv = p.bias ? to_float(bias16[row], BF16) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk) {
+            const int t = j * 8 + 2 * tig + kk;
+            if (t < p.T) y16[(long long)t * p.ldy + row] = from_float<BF16>(acc[i][j][hh * 2 + kk] + bv);
+          }
+      }
+    }
+  };
+  if (p.nsplit == 1) {
+    if (reduces) write_out();
+    return;
+  }
+  constexpr int FRAG = RT * NT * 4 * 32;  // floats per warp slot and split
+  if (partials) {
+    float* mine = p.ws + (((long long)blockIdx.x * p.nsplit + split) * slots + slot) * FRAG;
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) mine[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(p.counters + blockIdx.x, 1) == p.nsplit - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (reduces) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+    for (int sp = 0; sp < p.nsplit; ++sp) {
+      const float* src = p.ws + (((long long)blockIdx.x * p.nsplit + sp) * slots + slot) * FRAG;
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
+    }
+    write_out();
+  }
+  if (tid == 0) p.counters[blockIdx.x] = 0;
+}
+
 template <bool BF16, int NT, int RT, int WR, int UP>
 __global__ void __launch_bounds__(WR * 32)
     spatha_spmm_stream(const SpmmParams p) {
@@ -940,63 +1014,7 @@ __global__ void __launch_bounds__(WR * 32)
   }
 
   // ---- epilogue ------------------------------------------------------------------------------------
-  const unsigned short* bias16 = reinterpret_cast<const unsigned short*>(p.bias);
-  unsigned short* y16 = reinterpret_cast<unsigned short*>(p.y);
-  auto write_out = [&](float (&r)[RT][NT][4]) {
-#pragma unroll
-    for (int i = 0; i < RT; ++i) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = wrow + i * 16 + g + 8 * hh;
-        if (row >= p.R) continue;
-        const float bv = p.bias ? to_float(bias16[row], BF16) : 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int kk = 0; kk < 2; ++kk) {
-            const int t = j * 8 + 2 * tig + kk;
-            if (t < p.T) y16[(long long)t * p.ldy + row] = from_float<BF16>(r[i][j][hh * 2 + kk] + bv);
-          }
-      }
-    }
-  };
-  if (p.nsplit == 1) {
-    if (warp_ok) write_out(acc);
-    return;
-  }
-  constexpr int FRAG = RT * NT * 4 * 32;  // floats per warp and split
-  float* mine = p.ws + (((long long)blockIdx.x * p.nsplit + split) * WR + warp) * FRAG;
-#pragma unroll
-  for (int i = 0; i < RT; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) mine[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) s_last = atomicAdd(p.counters + blockIdx.x, 1) == p.nsplit - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  if (warp_ok) {
-#pragma unroll
-    for (int i = 0; i < RT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
-    for (int sp = 0; sp < p.nsplit; ++sp) {  // fixed order: the result does not depend on who is last
-      const float* src = p.ws + (((long long)blockIdx.x * p.nsplit + sp) * WR + warp) * FRAG;
-#pragma unroll
-      for (int i = 0; i < RT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
-    }
-    write_out(acc);
-  }
-  if (tid == 0) p.counters[blockIdx.x] = 0;
+  stream_epilogue<BF16, NT, RT>(p, acc, wrow, warp, WR, true, warp_ok, s_last);
 }
 
 // The same pair for one 8-token tile, with B read from x pre-gathered per V-block (spatha_spmm_ring with
@@ -1251,66 +1269,8 @@ __global__ void __launch_bounds__(RW * KS * 32)
   }
   const bool writer = ks == 0 && warp_ok;
 
-  // ---- epilogue: as v4 (global split-K partials + last-arriving CTA) --------------------------------
-  const unsigned short* bias16 = reinterpret_cast<const unsigned short*>(p.bias);
-  unsigned short* y16 = reinterpret_cast<unsigned short*>(p.y);
-  auto write_out = [&]() {
-#pragma unroll
-    for (int i = 0; i < RT; ++i) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = wrow + i * 16 + g + 8 * hh;
-        if (row >= p.R) continue;
-        const float bv = p.bias ? to_float(bias16[row], BF16) : 0.f;
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int kk = 0; kk < 2; ++kk) {
-            const int t = j * 8 + 2 * tig + kk;
-            if (t < p.T) y16[(long long)t * p.ldy + row] = from_float<BF16>(acc[i][j][hh * 2 + kk] + bv);
-          }
-      }
-    }
-  };
-  if (p.nsplit == 1) {
-    if (writer) write_out();
-    return;
-  }
-  constexpr int FRAG = FR * 32;
-  if (writer) {
-    float* mine = p.ws + (((long long)blockIdx.x * p.nsplit + split) * RW + rw) * FRAG;
-#pragma unroll
-    for (int i = 0; i < RT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) mine[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
-  }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) s_last = atomicAdd(p.counters + blockIdx.x, 1) == p.nsplit - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  if (writer) {
-#pragma unroll
-    for (int i = 0; i < RT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
-    for (int sp = 0; sp < p.nsplit; ++sp) {  // fixed order: the result does not depend on who is last
-      const float* src = p.ws + (((long long)blockIdx.x * p.nsplit + sp) * RW + rw) * FRAG;
-#pragma unroll
-      for (int i = 0; i < RT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
-    }
-    write_out();
-  }
-  if (tid == 0) p.counters[blockIdx.x] = 0;
+  // ---- epilogue: as v4 (global split-K partials + last-arriving CTA), the k-split warp 0 of each row warp
+  stream_epilogue<BF16, NT, RT>(p, acc, wrow, rw, RW, writer, writer, s_last);
 }
 
 // Sum the split-K partials, add the bias, convert. One thread per output element.

@@ -69,16 +69,22 @@ def test_generate_with_kv_cache_is_unchanged_by_fusion():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _spmm_counting_backend(graphs: list):
+    """A torch.compile backend that appends each graph's number of venom::spmm calls to ``graphs``."""
+
+    def backend(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "venom.spmm" in str(n.target)))
+        return gm.forward
+
+    return backend
+
+
 def test_torch_compile_of_a_fused_model_calls_one_spmm_per_group_in_one_graph():
     """Under torch.compile the trace itself runs the fused SpMM once per input (inductor would not merge
     three identical custom-op calls): 4 SpMMs per decoder layer instead of 7, one graph, no re-compile on
     later calls, and the same logits as eager."""
     graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "venom.spmm" in str(n.target)))
-        return gm.forward
-
+    counting_backend = _spmm_counting_backend(graphs)
     for fuse in (False, True):
         model = _tiny_llama(torch.float32)
         if fuse:
@@ -103,11 +109,7 @@ def test_torch_compile_after_to_traces_the_unfused_path():
     """A group broken by ``.to()`` before compiling: the trace runs each member alone (as eager does), with
     the members' own (moved) tensors, not the stale fused storage."""
     graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "venom.spmm" in str(n.target)))
-        return gm.forward
-
+    counting_backend = _spmm_counting_backend(graphs)
     model = _tiny_llama(torch.float32)
     fuse_projections(model)
     model.double()  # the members' parameters are new tensors now
