@@ -138,6 +138,61 @@ __device__ __forceinline__ void cp_async_8(void* dst, const void* src, int bytes
                "r"(bytes));
 }
 
+// Hopper (sm_90+) bulk copies: one thread hands a contiguous global range (multiple of 16 bytes) to the
+// TMA engine, which writes it to shared memory and counts the bytes on an mbarrier (complete_tx). The
+// kt kernel's BULK instances use them for the gathered x^T rows; compiled for an older arch they fall
+// back to the cp.async gathers (VENOM_BULK_OK is 0 there, and these helpers are never called).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define VENOM_BULK_OK 1
+#else
+#define VENOM_BULK_OK 0
+#endif
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+#if VENOM_BULK_OK
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_init_fence() {
+#if VENOM_BULK_OK
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// The producer's arrival of one phase: announces the bytes the phase's copies will deliver.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+#if VENOM_BULK_OK
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+// Wait until the phase of the given parity has completed (its arrival made and all its bytes landed).
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+#if VENOM_BULK_OK
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "VENOM_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra VENOM_DONE;\n"
+      "bra VENOM_WAIT;\n"
+      "VENOM_DONE:\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_inval(unsigned long long* bar) {
+#if VENOM_BULK_OK
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+#if VENOM_BULK_OK
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Epilogue shared by the kernels: acc (FM x FN mma tiles of 16 x 8, fp32) of warp (wm, wn) of the
 // CTA tile at (m0 rows, n0 tokens). Split-K (p.nsplit > 1): fp32 partials straight from registers into
@@ -520,10 +575,12 @@ struct KtLayout {
 // p.x = xT (K rows, p.ldx = ldt elements per row, ldt % 8 == 0, 16-byte aligned).
 // Run-time requirements (host): V % BM == 0, Gp % 8 == 0, steps_per_split % KW == 0,
 //   values/columns 16-byte and meta 8-byte aligned.
-// Dynamic shared memory: max(cbytes(steps_per_split) + STAGES * STAGE, BN*(BM+8)*2).
-template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
-    spatha_spmm_kt(const SpmmParams p) {
+// Dynamic shared memory: max(BAR_BYTES + cbytes(steps_per_split) + STAGES * STAGE, BN*(BM+8)*2),
+//   BAR_BYTES = 64 for the BULK instances, else 0.
+// The body is shared by spatha_spmm_kt (cp.async gathers) and spatha_spmm_ktb (BULK, with a minimum of
+// MINB CTAs per SM in its launch bounds).
+template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW, bool BULK>
+__device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
   using L = KtLayout<WM, WN, WARPS_M, WARPS_N, KW>;
   constexpr int FM = WM / 16;
   constexpr int FN = WN / 8;
@@ -534,6 +591,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile");
   static_assert((CPR & (CPR - 1)) == 0, "BN / 8 must be a power of two");
   static_assert(STAGES >= 2, "stages");
+
+  static_assert(STAGES <= 8, "kt: at most 8 stage barriers");
+  // BULK (sm_90+): the gathered x^T rows arrive by TMA bulk copies, one per k-row of BN tokens, issued by
+  // the lanes of warp 0 and counted on one mbarrier per stage. That replaces CPR 16-byte cp.async gathers
+  // per k-row (each ~8 instructions of address arithmetic in every thread) by one instruction.
+  constexpr bool USE_BULK = BULK && VENOM_BULK_OK;
+  constexpr int BAR_BYTES = BULK ? 64 : 0;  // STAGES mbarriers in front of the column indices
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
@@ -559,9 +623,14 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 
   const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
   const unsigned short* xt = reinterpret_cast<const unsigned short*>(p.x);
-  unsigned char* cs = smem_raw;  // column indices of this CTA's k-range
-  unsigned char* stages = smem_raw + L::cbytes(p.steps_per_split);
+  unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem_raw);
+  unsigned char* cs = smem_raw + BAR_BYTES;  // column indices of this CTA's k-range
+  unsigned char* stages = cs + L::cbytes(p.steps_per_split);
 
+  if constexpr (USE_BULK) {
+    if (tid < STAGES) mbar_init(bars + tid, 1);  // one arrival per phase: the producer's expect_tx
+    mbar_init_fence();
+  }
   // column indices of the V-block for all nsteps k-steps: 32 bytes per k-step
   {
     const unsigned char* src = p.columns + ((long long)blk * p.Gp + 8 * s_begin) * 4;
@@ -579,6 +648,22 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     const int sw = w * KW;              // first local k-step of the window
     const int g0 = 8 * (s_begin + sw);  // first global group of the window
     const int nvalid = min(KW, nsteps - sw);
+    if constexpr (USE_BULK) {
+      // B: one bulk copy of BN tokens (BN*2 bytes, 16-byte aligned: ldt % BN == 0) per gathered k-row.
+      // A bulk copy takes uniform operands, so a warp issues its lanes' copies one at a time: the rows
+      // are dealt to the first lanes of EVERY warp (row q = lane * NW + warp), not to one warp. Thread 0
+      // announces the window's bytes; a copy that lands before that only drives the transaction count
+      // below zero for a while (allowed), and the phase cannot complete without thread 0's arrival.
+      constexpr int NW = NT / 32;
+      const int rows = nvalid * 32;
+      if (tid == 0) mbar_arrive_expect_tx(bars + st, static_cast<unsigned>(rows * BN * 2));
+      for (int kr = lane * NW + warp; kr < rows; kr += NT) {
+        const int s = kr >> 5;
+        const int r = kr & 31;
+        const long long gcol = static_cast<long long>((g0 + 8 * s + (r >> 2)) * M + cs[(sw + s) * 32 + r]);
+        bulk_copy_g2s(bs + kr * L::BP, xt + gcol * p.ldx + n0, BN * 2, bars + st);
+      }
+    }
     if (nvalid == KW) {
       // Full window (all but possibly the last): x^T has Gp*M rows and ldt % BN == 0 (host), so no
       // gather needs a bounds check; each thread owns one 16-byte token chunk and every NT/CPR-th k-row
@@ -594,12 +679,14 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       unsigned short* bdst = bs + kr0 * L::BP + ch * 8;
       const unsigned char* cw = cs + sw * 32 + kr0;
       const int gb = g0 + (kr0 >> 2);
+      if constexpr (!USE_BULK) {
 #pragma unroll
-      for (int j = 0; j < KW * 32 / RPP; ++j) {
-        const int s = (j * RPP) >> 5;
-        const int rr = (j * RPP) & 31;  // compile-time part of the row
-        const unsigned gcol = static_cast<unsigned>((gb + 8 * s + (rr >> 2)) * M) + cw[s * 32 + rr];
-        cp_async_16(bdst + j * RPP * L::BP, xb + gcol * ldt2, 16);
+        for (int j = 0; j < KW * 32 / RPP; ++j) {
+          const int s = (j * RPP) >> 5;
+          const int rr = (j * RPP) & 31;  // compile-time part of the row
+          const unsigned gcol = static_cast<unsigned>((gb + 8 * s + (rr >> 2)) * M) + cw[s * 32 + rr];
+          cp_async_16(bdst + j * RPP * L::BP, xb + gcol * ldt2, 16);
+        }
       }
       constexpr int VCH = BM * KW * 2;  // 16-byte value chunks of the window
 #pragma unroll
@@ -624,7 +711,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       return;
     }
     // B gather: KW*32 k-rows x CPR chunks of 16 bytes (8 tokens)
-    for (int i = tid; i < nvalid * 32 * CPR; i += NT) {
+    for (int i = tid; i < (USE_BULK ? 0 : nvalid * 32 * CPR); i += NT) {
       const int kr = i / CPR;
       const int ch = i & (CPR - 1);
       const int s = kr >> 5;
@@ -689,9 +776,48 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     }
   };
 
-  run_pipeline<STAGES, KW>(nwin, nsteps, load_stage, compute_step);
+  if constexpr (USE_BULK) {
+    // run_pipeline plus the wait for each window's bulk copies: window w is stage w % STAGES's
+    // (w / STAGES)-th phase. A stage is refilled only after the __syncthreads that follows every warp's
+    // last read of it, so a waiting warp never sees the barrier one phase ahead.
+#pragma unroll
+    for (int w = 0; w < STAGES - 1; ++w) {
+      if (w < nwin) load_stage(w, w);
+      cp_async_commit();
+    }
+    for (int w = 0; w < nwin; ++w) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      const int nx = w + STAGES - 1;
+      if (nx < nwin) load_stage(nx, nx % STAGES);
+      cp_async_commit();
+      const int st = w % STAGES;
+      mbar_wait(bars + st, static_cast<unsigned>((w / STAGES) & 1));
+      const int ns = min(KW, nsteps - w * KW);
+#pragma unroll
+      for (int s2 = 0; s2 < KW; ++s2)
+        if (s2 < ns) compute_step(st, s2);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is past its last wait: the barriers' memory can be reused
+    if (tid < STAGES) mbar_inval(bars + tid);
+  } else {
+    run_pipeline<STAGES, KW>(nwin, nsteps, load_stage, compute_step);
+  }
 
   store_tile<BF16, WM, WN, WARPS_M, WARPS_N>(acc, p, m0, n0, wm, wn, smem_raw);
+}
+
+template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
+    spatha_spmm_kt(const SpmmParams p) {
+  spmm_kt_body<BF16, WM, WN, WARPS_M, WARPS_N, STAGES, KW, false>(p);
+}
+
+template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW, int MINB>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
+    spatha_spmm_ktb(const SpmmParams p) {
+  spmm_kt_body<BF16, WM, WN, WARPS_M, WARPS_N, STAGES, KW, true>(p);
 }
 
 // =============================================================================================
