@@ -138,61 +138,6 @@ __device__ __forceinline__ void cp_async_8(void* dst, const void* src, int bytes
                "r"(bytes));
 }
 
-// Hopper (sm_90+) bulk copies: one thread hands a contiguous global range (multiple of 16 bytes) to the
-// TMA engine, which writes it to shared memory and counts the bytes on an mbarrier (complete_tx). The
-// kt kernel's BULK instances use them for the gathered x^T rows; compiled for an older arch they fall
-// back to the cp.async gathers (VENOM_BULK_OK is 0 there, and these helpers are never called).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define VENOM_BULK_OK 1
-#else
-#define VENOM_BULK_OK 0
-#endif
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
-#if VENOM_BULK_OK
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_init_fence() {
-#if VENOM_BULK_OK
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-// The producer's arrival of one phase: announces the bytes the phase's copies will deliver.
-__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
-#if VENOM_BULK_OK
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-#endif
-}
-// Wait until the phase of the given parity has completed (its arrival made and all its bytes landed).
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-#if VENOM_BULK_OK
-  asm volatile(
-      "{\n"
-      ".reg .pred P1;\n"
-      "VENOM_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "@P1 bra VENOM_DONE;\n"
-      "bra VENOM_WAIT;\n"
-      "VENOM_DONE:\n"
-      "}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_inval(unsigned long long* bar) {
-#if VENOM_BULK_OK
-  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
-#if VENOM_BULK_OK
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar))
-               : "memory");
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
 // Epilogue shared by the kernels: acc (FM x FN mma tiles of 16 x 8, fp32) of warp (wm, wn) of the
 // CTA tile at (m0 rows, n0 tokens). Split-K (p.nsplit > 1): fp32 partials straight from registers into
@@ -575,12 +520,10 @@ struct KtLayout {
 // p.x = xT (K rows, p.ldx = ldt elements per row, ldt % 8 == 0, 16-byte aligned).
 // Run-time requirements (host): V % BM == 0, Gp % 8 == 0, steps_per_split % KW == 0,
 //   values/columns 16-byte and meta 8-byte aligned.
-// Dynamic shared memory: max(BAR_BYTES + cbytes(steps_per_split) + STAGES * STAGE, BN*(BM+8)*2),
-//   BAR_BYTES = 64 for the BULK instances, else 0.
-// The body is shared by spatha_spmm_kt (cp.async gathers) and spatha_spmm_ktb (BULK, with a minimum of
-// MINB CTAs per SM in its launch bounds).
-template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW, bool BULK>
-__device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
+// Dynamic shared memory: max(cbytes(steps_per_split) + STAGES * STAGE, BN*(BM+8)*2).
+template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
+    spatha_spmm_kt(const SpmmParams p) {
   using L = KtLayout<WM, WN, WARPS_M, WARPS_N, KW>;
   constexpr int FM = WM / 16;
   constexpr int FN = WN / 8;
@@ -591,13 +534,6 @@ __device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
   static_assert(WM % 16 == 0 && WN % 8 == 0, "warp tile");
   static_assert((CPR & (CPR - 1)) == 0, "BN / 8 must be a power of two");
   static_assert(STAGES >= 2, "stages");
-
-  static_assert(STAGES <= 8, "kt: at most 8 stage barriers");
-  // BULK (sm_90+): the gathered x^T rows arrive by TMA bulk copies, one per k-row of BN tokens, issued by
-  // the lanes of warp 0 and counted on one mbarrier per stage. That replaces CPR 16-byte cp.async gathers
-  // per k-row (each ~8 instructions of address arithmetic in every thread) by one instruction.
-  constexpr bool USE_BULK = BULK && VENOM_BULK_OK;
-  constexpr int BAR_BYTES = BULK ? 64 : 0;  // STAGES mbarriers in front of the column indices
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
@@ -623,14 +559,9 @@ __device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
 
   const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
   const unsigned short* xt = reinterpret_cast<const unsigned short*>(p.x);
-  unsigned long long* bars = reinterpret_cast<unsigned long long*>(smem_raw);
-  unsigned char* cs = smem_raw + BAR_BYTES;  // column indices of this CTA's k-range
-  unsigned char* stages = cs + L::cbytes(p.steps_per_split);
+  unsigned char* cs = smem_raw;  // column indices of this CTA's k-range
+  unsigned char* stages = smem_raw + L::cbytes(p.steps_per_split);
 
-  if constexpr (USE_BULK) {
-    if (tid < STAGES) mbar_init(bars + tid, 1);  // one arrival per phase: the producer's expect_tx
-    mbar_init_fence();
-  }
   // column indices of the V-block for all nsteps k-steps: 32 bytes per k-step
   {
     const unsigned char* src = p.columns + ((long long)blk * p.Gp + 8 * s_begin) * 4;
@@ -648,22 +579,6 @@ __device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
     const int sw = w * KW;              // first local k-step of the window
     const int g0 = 8 * (s_begin + sw);  // first global group of the window
     const int nvalid = min(KW, nsteps - sw);
-    if constexpr (USE_BULK) {
-      // B: one bulk copy of BN tokens (BN*2 bytes, 16-byte aligned: ldt % BN == 0) per gathered k-row.
-      // A bulk copy takes uniform operands, so a warp issues its lanes' copies one at a time: the rows
-      // are dealt to the first lanes of EVERY warp (row q = lane * NW + warp), not to one warp. Thread 0
-      // announces the window's bytes; a copy that lands before that only drives the transaction count
-      // below zero for a while (allowed), and the phase cannot complete without thread 0's arrival.
-      constexpr int NW = NT / 32;
-      const int rows = nvalid * 32;
-      if (tid == 0) mbar_arrive_expect_tx(bars + st, static_cast<unsigned>(rows * BN * 2));
-      for (int kr = lane * NW + warp; kr < rows; kr += NT) {
-        const int s = kr >> 5;
-        const int r = kr & 31;
-        const long long gcol = static_cast<long long>((g0 + 8 * s + (r >> 2)) * M + cs[(sw + s) * 32 + r]);
-        bulk_copy_g2s(bs + kr * L::BP, xt + gcol * p.ldx + n0, BN * 2, bars + st);
-      }
-    }
     if (nvalid == KW) {
       // Full window (all but possibly the last): x^T has Gp*M rows and ldt % BN == 0 (host), so no
       // gather needs a bounds check; each thread owns one 16-byte token chunk and every NT/CPR-th k-row
@@ -679,14 +594,12 @@ __device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
       unsigned short* bdst = bs + kr0 * L::BP + ch * 8;
       const unsigned char* cw = cs + sw * 32 + kr0;
       const int gb = g0 + (kr0 >> 2);
-      if constexpr (!USE_BULK) {
 #pragma unroll
-        for (int j = 0; j < KW * 32 / RPP; ++j) {
-          const int s = (j * RPP) >> 5;
-          const int rr = (j * RPP) & 31;  // compile-time part of the row
-          const unsigned gcol = static_cast<unsigned>((gb + 8 * s + (rr >> 2)) * M) + cw[s * 32 + rr];
-          cp_async_16(bdst + j * RPP * L::BP, xb + gcol * ldt2, 16);
-        }
+      for (int j = 0; j < KW * 32 / RPP; ++j) {
+        const int s = (j * RPP) >> 5;
+        const int rr = (j * RPP) & 31;  // compile-time part of the row
+        const unsigned gcol = static_cast<unsigned>((gb + 8 * s + (rr >> 2)) * M) + cw[s * 32 + rr];
+        cp_async_16(bdst + j * RPP * L::BP, xb + gcol * ldt2, 16);
       }
       constexpr int VCH = BM * KW * 2;  // 16-byte value chunks of the window
 #pragma unroll
@@ -711,7 +624,7 @@ __device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
       return;
     }
     // B gather: KW*32 k-rows x CPR chunks of 16 bytes (8 tokens)
-    for (int i = tid; i < (USE_BULK ? 0 : nvalid * 32 * CPR); i += NT) {
+    for (int i = tid; i < nvalid * 32 * CPR; i += NT) {
       const int kr = i / CPR;
       const int ch = i & (CPR - 1);
       const int s = kr >> 5;
@@ -776,48 +689,9 @@ __device__ __forceinline__ void spmm_kt_body(const SpmmParams& p) {
     }
   };
 
-  if constexpr (USE_BULK) {
-    // run_pipeline plus the wait for each window's bulk copies: window w is stage w % STAGES's
-    // (w / STAGES)-th phase. A stage is refilled only after the __syncthreads that follows every warp's
-    // last read of it, so a waiting warp never sees the barrier one phase ahead.
-#pragma unroll
-    for (int w = 0; w < STAGES - 1; ++w) {
-      if (w < nwin) load_stage(w, w);
-      cp_async_commit();
-    }
-    for (int w = 0; w < nwin; ++w) {
-      cp_async_wait<STAGES - 2>();
-      __syncthreads();
-      const int nx = w + STAGES - 1;
-      if (nx < nwin) load_stage(nx, nx % STAGES);
-      cp_async_commit();
-      const int st = w % STAGES;
-      mbar_wait(bars + st, static_cast<unsigned>((w / STAGES) & 1));
-      const int ns = min(KW, nsteps - w * KW);
-#pragma unroll
-      for (int s2 = 0; s2 < KW; ++s2)
-        if (s2 < ns) compute_step(st, s2);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // every warp is past its last wait: the barriers' memory can be reused
-    if (tid < STAGES) mbar_inval(bars + tid);
-  } else {
-    run_pipeline<STAGES, KW>(nwin, nsteps, load_stage, compute_step);
-  }
+  run_pipeline<STAGES, KW>(nwin, nsteps, load_stage, compute_step);
 
   store_tile<BF16, WM, WN, WARPS_M, WARPS_N>(acc, p, m0, n0, wm, wn, smem_raw);
-}
-
-template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
-    spatha_spmm_kt(const SpmmParams p) {
-  spmm_kt_body<BF16, WM, WN, WARPS_M, WARPS_N, STAGES, KW, false>(p);
-}
-
-template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES, int KW, int MINB>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, MINB)
-    spatha_spmm_ktb(const SpmmParams p) {
-  spmm_kt_body<BF16, WM, WN, WARPS_M, WARPS_N, STAGES, KW, true>(p);
 }
 
 // =============================================================================================
@@ -1144,23 +1018,19 @@ __global__ void __launch_bounds__(WR * 32)
 }
 
 // The same pair for one 8-token tile, with B read from x pre-gathered per V-block (spatha_spmm_ring with
-// SEL): word gi*2 + q2 of this lane's token row holds the selected columns 2*q2, 2*q2+1 of group gi, so each
-// B register is ONE 32-bit shared load (the gather form: a column word + 2 two-byte loads).
+// SEL), in fragment order: words u*32 + s*16 + tig*4 + q of this lane's token row ARE its B registers
+// b[0..3] of k-step s of pair u (the pre-gather in spatha_spmm_ring), so one k-step's B is ONE 16-byte shared load (v5.1: four
+// 32-bit loads; the gather form: a column word + 2 two-byte loads per register).
 template <bool BF16, int RT>
 __device__ __forceinline__ void stream_pair_mma_sel(float (&acc)[RT][1][4], const StreamFrag (&f)[RT],
                                                     const unsigned* xsel_row, int u, int lane) {
   const int tig = lane & 3;
-  const int h = tig >> 1;
-  const int q2 = tig & 1;
   unsigned e[RT];
   stream_pair_meta<RT>(f, lane, e);
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
-    const int gl[4] = {16 * u + 4 * h + 2 * s, 16 * u + 8 + 4 * h + 2 * s, 16 * u + 4 * h + 1 + 2 * s,
-                       16 * u + 9 + 4 * h + 2 * s};
-    unsigned b[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) b[q] = xsel_row[gl[q] * 2 + q2];
+    const uint4 bv = *reinterpret_cast<const uint4*>(xsel_row + u * 32 + s * 16 + tig * 4);
+    const unsigned b[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       if (s == 0) {
@@ -1196,11 +1066,13 @@ __device__ __forceinline__ void stream_pair_mma_sel(float (&acc)[RT][1][4], cons
 //
 // Grid: (ceil(Rp / (16*RT*RW)), nsplit); block RW*KS warps. Host requirements as v4.
 // Dynamic shared memory (bytes): RW*KS*S*RT*1280 (ring) + TS*(steps*8*M + 8)*2 (x, TS = min(T, 8*NT))
-//   + RW*steps*8*4 (column words) + (KS-1)*RW*RT*NT*512 (partials) [+ SEL: RW*TS*(steps*16 + 2)*4, the
+//   + RW*steps*8*4 (column words) + (KS-1)*RW*RT*NT*512 (partials) [+ SEL: RW*TS*(steps*16 + 16)*4, the
 //   pre-gathered x], steps = steps_per_split rounded to even.
-// SEL (v5.1, NT = 1): after staging, the CTA gathers the selected columns of x once into pairs per row
-// warp, so each B register in the loop is one 32-bit shared load instead of a column word + 2 two-byte
-// loads: about 35 % fewer shared-memory instructions, which the run-10 profile says is the limiter (MIO).
+// SEL (v5.1/v5.2, NT = 1): after staging, the CTA gathers the selected columns of x once per row warp, in
+// the order of the B registers, so one k-step's B is one 16-byte shared load instead of 4 column-word reads
+// + 8 two-byte loads per k-step: per pair (one 16-row tile) 9 shared-memory/shuffle instructions (3 ring
+// loads, 4 metadata shuffles, 2 B loads) instead of 15 with v5.1's 32-bit B loads and 31 in the gather
+// form; the run-10 profile says these (MIO) are the limiter.
 // =============================================================================================
 __device__ __forceinline__ void cp_async_16_mem(void* dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
@@ -1259,10 +1131,12 @@ __global__ void __launch_bounds__(RW * KS * 32)
   unsigned short* xs = reinterpret_cast<unsigned short*>(smem_raw + NTH / 32 * S * RT * TB);  // [TS][XP]
   unsigned* cs = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(xs) + TS * XP * 2);  // [RW][ngp]
   float* red = reinterpret_cast<float*>(cs + RW * ngp);                             // [KS-1][RW][FR][32]
-  // SEL: x pre-gathered per row warp's V-block, [RW][TS][ngp*2 + 2] words after the partials (+2 words per
-  // row: token rows start 2 banks apart, so 8 token rows meet at most 2-way bank conflicts)
+  // SEL: x pre-gathered per row warp's V-block, [RW][TS][ngp*2 + 16] words after the partials (16-byte
+  // aligned: every region before it is a multiple of 16 bytes; +16 words per row: ngp*2 is a multiple of
+  // 32 words, so consecutive token rows start half a bank cycle apart and the two token rows of each
+  // 8-lane phase of a 16-byte load never share a bank)
   auto xsel_row = [&](int wt) {
-    return reinterpret_cast<unsigned*>(red + (KS - 1) * RW * FR * 32) + wt * (ngp * 2 + 2);
+    return reinterpret_cast<unsigned*>(red + (KS - 1) * RW * FR * 32) + wt * (ngp * 2 + 16);
   };
   const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
 
@@ -1321,17 +1195,22 @@ __global__ void __launch_bounds__(RW * KS * 32)
   __syncthreads();             // ... and for every thread
   if (SEL) {
     // once per CTA: the 4 selected columns of every staged group, per row warp and token, packed in pairs
-    // (the 2 halves of one B register); the main loop then needs neither column words nor 2-byte gathers
+    // (the 2 halves of one B register) and stored where the lane that uses them reads its k-step's B:
+    // group gi = 16u + r of pair u feeds, with the half-pair q2, register q = (r >> 3) + 2 (r & 1) of
+    // k-step s = (r >> 1) & 1 of the lanes tig = 2 ((r >> 2) & 1) + q2 (the slot order of stream_pair_mma)
     const int per_row = ngp * 2;
     for (int i = tid; i < RW * TS * per_row; i += NTH) {
       const int wt = i / per_row;  // row warp * TS + token
       const int k = i - wt * per_row;
       const int gi = k >> 1;
+      const int q2 = k & 1;
       const int w = wt / TS;
       const int t = wt - w * TS;
-      const unsigned c = cs[w * ngp + gi] >> (16 * (k & 1));
+      const unsigned c = cs[w * ngp + gi] >> (16 * q2);
       const unsigned short* xrow = xs + t * XP + gi * M;
-      xsel_row(wt)[k] = static_cast<unsigned>(xrow[c & 0xFF]) | (static_cast<unsigned>(xrow[(c >> 8) & 0xFF]) << 16);
+      const int r = gi & 15;
+      const int dst = (gi >> 4) * 32 + ((r >> 1) & 1) * 16 + (2 * ((r >> 2) & 1) + q2) * 4 + (r >> 3) + 2 * (r & 1);
+      xsel_row(wt)[dst] = static_cast<unsigned>(xrow[c & 0xFF]) | (static_cast<unsigned>(xrow[(c >> 8) & 0xFF]) << 16);
     }
     __syncthreads();
   }

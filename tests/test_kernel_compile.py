@@ -87,10 +87,11 @@ def test_choose_config_rules():
 
 
 def test_decode_dispatch():
-    """Decode (<= 16 tokens): the v5 ring kernel or the v4 stream kernel, as the run-10 sweeps measured;
+    """Decode (<= 16 tokens): the v5 ring kernel or the v4 stream kernel, as the run-10/11 sweeps measured;
     every choice fits its V and token count."""
     expect = {  # (T, R, m) -> config for V >= 32
-        (1, 4096, 8): "ring_n1r1", (1, 768, 8): "ring_n1r1k8", (1, 11008, 16): "stream_n1r2",
+        (1, 4096, 8): "ring_n1r1sel", (1, 768, 8): "ring_n1r1k8", (1, 11008, 16): "ring_n1r1sel",
+        (2, 4096, 8): "ring_n1r1", (2, 11008, 16): "stream_n1r2",
         (8, 4096, 8): "stream_n1r2", (3, 11008, 16): "stream_n1r2", (8, 22016, 8): "stream_n1r2",
         (8, 768, 8): "ring_n1r1k8", (16, 4096, 8): "ring_n2r2w8",
         (16, 11008, 16): "ring_n2r2w8", (16, 4096, 16): "stream_n2r1", (16, 768, 8): "ring_n2r1",
@@ -103,6 +104,9 @@ def test_decode_dispatch():
                 assert cfg.kernel in ("ring", "stream") and T <= cfg.bn and v % cfg.wm == 0
                 if v >= 32 and (T, R, m) in expect:
                     assert cfg.name == expect[(T, R, m)], (T, R, v, m, cfg.name)
+    # 1 token, K > RING_SEL_MAX_K (Llama down_proj): the pre-gathered x of ring_n1r1sel grows with K
+    assert ops.choose_config(1, 4096, 11008 // 8, 64, 8, 132, 227 * 1024)[0].name == "ring_n1r1"
+    assert ops.choose_config(1, 11008, 11008 // 16, 64, 16, 132, 227 * 1024)[0].name == "stream_n1r2"
 
 
 def test_choose_config_memo_matches_search_and_sees_tunables(monkeypatch):

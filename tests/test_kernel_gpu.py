@@ -190,24 +190,6 @@ def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
     check(ys[0], x, wd, None, dtype, f"{kernel} split")
 
 
-# --- v3.3 kt configs (TMA bulk-copy gathers, 8 warps, 4 stages): many pipeline phases, partial windows,
-# K split, partial token tiles, V 64 / 128, M 4-32 ------------------------------------------------------------
-KT_V33 = [c.name for c in configs.CONFIGS if c.kernel == "kt" and (c.bulk or c.name.endswith(("w8", "s4")))]
-
-
-@pytest.mark.parametrize("cfg", KT_V33)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kt_v33_configs(cfg, dtype):
-    c = configs.BY_NAME[cfg]
-    for R, K, v, m, T in [(4096, 4096, 128, 8, 2048), (1000, 4096, 128, 16, 1000), (384, 11008, 128, 4, 257),
-                          (520, 776, 128, 32, 130), (4096, 1000, 128, 8, 4096 + 17)]:
-        v = v if v % c.bm == 0 else c.bm
-        p, _ = packed_weight(R, K, v, m, dtype)
-        chosen = ops.choose_config(T, p.values.shape[0], p.values.shape[1], v, m, 132, 227 * 1024, cfg)[0]
-        assert chosen.name == cfg  # forced config really runs (no silent fallback)
-        run_case(R, K, v, m, dtype, T, bias=(T % 2 == 1), config=cfg)
-
-
 def test_prefill_uses_kt_kernel():
     for v in (32, 64, 128):
         cfg, kw, split, steps = ops.choose_config(2048, 4096, 512, v, 8, 132, 227 * 1024)

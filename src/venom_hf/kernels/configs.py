@@ -29,8 +29,6 @@ class TileConfig:
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
     sel: bool = False  # ring configs: x pre-gathered per V-block (v5.1, one 8-token tile)
-    bulk: bool = False  # kt configs: gathered x^T rows by TMA bulk copies on sm_90+ (v3.3)
-    minb: int = 1  # bulk kt configs: __launch_bounds__ minimum CTAs per SM (caps the registers)
 
     @property
     def bm(self) -> int:
@@ -69,14 +67,14 @@ class TileConfig:
             rows = min(tokens, self.bn) if tokens else self.bn
             ring = self.warps_m * self.warps_n * self.stages * self.rt * 1280
             red = (self.warps_n - 1) * self.warps_m * self.rt * (self.wn // 8) * 512
-            xsel = self.warps_m * rows * (steps * 16 + 2) * 4 if self.sel else 0
+            xsel = self.warps_m * rows * (steps * 16 + 16) * 4 if self.sel else 0
             return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4 + red + xsel
         if self.kernel == "stream":  # x chunk [8*NT][steps*8*M + 8] halves + column words per warp
             steps = steps + steps % 2
             return (self.bn * (steps * 8 * m + 8) * 2) + self.warps_m * steps * 8 * 4
         pipe = self.stages * self.stage_bytes(m, kw)
         if self.kernel == "kt":
-            pipe += ((steps * 32 + 127) // 128) * 128 + (64 if self.bulk else 0)  # + the stage mbarriers
+            pipe += ((steps * 32 + 127) // 128) * 128
         return max(pipe, self.bn * (self.bm + 8) * 2)
 
     def expr(self, bf16: bool, kw: int) -> str:
@@ -88,10 +86,7 @@ class TileConfig:
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
             return f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}>"
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
-        extra = ""
-        if self.kernel == "kt" and self.bulk:  # spatha_spmm_ktb<..., KW, MINB>
-            fn, extra = "spatha_spmm_ktb", f", {self.minb}"
-        return f"venom::{fn}<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}, {kw}{extra}>"
+        return f"venom::{fn}<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}, {kw}>"
 
 
 # Shape classes: decode (<= 16 tokens), small (<= 64), prefill. Variants for V = 16 / 32.
@@ -112,14 +107,6 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("kt64x64", 64, 16, 1, 4, 4, "kt", 1),
     TileConfig("kt128x128", 64, 64, 2, 2, 4, "kt", 1),
     TileConfig("kt32x128", 32, 32, 1, 4, 4, "kt", 1),
-    # v3.3 (session 5, first GPU sweep pending): x^T rows by TMA bulk copies (suffix b), 8 warps (w8),
-    # 4 stages (s4); on sm_80-89 the bulk instances compile to the cp.async gathers
-    TileConfig("kt64x256b", 64, 64, 1, 4, 3, "kt", 1, bulk=True),
-    TileConfig("kt64x256bs4", 64, 64, 1, 4, 4, "kt", 1, bulk=True),
-    TileConfig("kt64x256w8", 64, 32, 1, 8, 3, "kt", 1),
-    TileConfig("kt64x256w8b", 64, 32, 1, 8, 3, "kt", 1, bulk=True, minb=2),
-    TileConfig("kt64x128k2b", 64, 32, 1, 4, 3, "kt", 2, bulk=True),
-    TileConfig("kt128x128b", 64, 64, 2, 2, 4, "kt", 1, bulk=True),
     # v4 decode (register weight stream, one launch incl. split-K): stream_n<NT>r<RT>; WR = 8 warps,
     # UP = 2 pairs in flight per buffer; kw_fixed = 2: splits hold whole pairs of k-steps
     TileConfig("stream_n1r2", 32, 8, 8, 1, 2, "stream", 2),

@@ -203,9 +203,16 @@ RING_SMALL_ROWS = 2048
 RING_SMALL_ROWS_16 = 4096
 
 
-def _decode_order(T: int, Rp: int, v: int, m: int) -> list:
-    """Decode tile configs, best first (H100, run 10, docs/perf-notes.md v5). The v5 ring kernel for 1-2
-    tokens (32-row CTAs of 2 row warps x 4 k-split warps), for small layers at any decode size, and for
+# 1 token on a tall layer with K <= this: the ring kernel with x pre-gathered per V-block (v5.1, ring_n1r1sel).
+# Cold-weight sweep of run 11 (docs/perf-notes.md v5.1): 4-9 % faster than ring_n1r1 at K = 4096 (4096 to
+# 22016 rows), 8 % slower at K = 11008 (its pre-gathered x grows with K).
+RING_SEL_MAX_K = 4096
+
+
+def _decode_order(T: int, Rp: int, v: int, m: int, K: int = 0) -> list:
+    """Decode tile configs, best first (H100, runs 10-11, docs/perf-notes.md v5/v5.1). The v5 ring kernel for 1-2
+    tokens (32-row CTAs of 2 row warps x 4 k-split warps; at 1 token and K <= RING_SEL_MAX_K its variant with
+    x pre-gathered per V-block), for small layers at any decode size, and for
     9-16 tokens on tall layers (128-row CTAs: x staged once per 128 rows instead of per 32). The v4 stream
     kernel where it measured faster: 1-2 tokens on > 4096-row layers at M >= 16, 9-16 tokens on <= 4096-row
     layers at M >= 16, and 3-8 tokens on tall layers (128-row ring CTAs won the isolated-layer sweep there
@@ -216,6 +223,8 @@ def _decode_order(T: int, Rp: int, v: int, m: int) -> list:
     if T <= 8:
         if Rp < RING_SMALL_ROWS:
             first = [B["ring_n1r1k8"]]
+        elif T == 1 and 0 < K <= RING_SEL_MAX_K:
+            first = [B["ring_n1r1sel"]]
         elif T <= 2 and not (m >= 16 and Rp > 4096):
             first = [B["ring_n1r1"]]
         else:
@@ -280,7 +289,8 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
     key = (T, Rp, Gp, v, m, num_sms, max_smem, name, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
-           RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS)
+           RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS,
+           KT_WIDE_MIN_WEIGHTS)
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
@@ -294,7 +304,7 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
     if name:
         order = [B[name]]
     elif T <= 16:  # decode: the register weight stream (v4), the v2 decode tiles as fallback
-        order = _decode_order(T, Rp, v, m)
+        order = _decode_order(T, Rp, v, m, Gp * m)
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m)
     order += [B["decode16"]]
