@@ -6,6 +6,7 @@
 kt: the v3 prefill kernel on Llama-7B qkvo (4096x4096, 2048 tokens, 64:2:8, fp16, kt64x128k2);
 stream: the v4 decode kernel on Llama-7B up (11008x4096, 16 tokens, 64:2:8, fp16);
 ring: the v5 decode kernel on a fused q|k|v (12288x4096, 1 token, 64:2:8, fp16, ring_n1r1).
+An optional second argument names another tile config of the same kernel (e.g. kt64x256, ring_n1r1sel).
 """
 import sys
 
@@ -18,6 +19,8 @@ which = sys.argv[1] if len(sys.argv) > 1 else "kt"
 dev = torch.device("cuda")
 R, K, T, cfg = {"kt": (4096, 4096, 2048, "kt64x128k2"), "stream": (11008, 4096, 16, "stream_n2r2"),
                 "ring": (12288, 4096, 1, "ring_n1r1")}[which]
+if len(sys.argv) > 2:
+    cfg = sys.argv[2]
 w = torch.randn(R, K, device=dev).half()
 p = vf.pack(w, "64:2:8")
 x = torch.randn(T, K, device=dev).half()
