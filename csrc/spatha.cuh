@@ -695,6 +695,164 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 }
 
 // =============================================================================================
+// v6 prefill path for M <= 8: spatha_spmm_kd -- a DENSE x^T tile shared by several V-blocks, the column
+// selection done by the ldmatrix row addresses.
+//
+// The kt kernel gathers, per V-block and k-step, the 32 selected rows of x^T: 128 bytes of L2 traffic per
+// mma.sp at V = 64 whatever the tile shape, and its profile (run 14, docs/perf-notes.md) says that traffic
+// is the limit (L2 throughput 76 % of peak, 6.8 TB/s). At M <= 8 the 8 groups of a k-step span only 8*M <= 64
+// rows of x^T, so the CTA copies all of them (a plain rectangle: no column lookups in the copy) and lets
+// its BM / 64 V-blocks share them; each lane hands ldmatrix the address of the row its warp's V-block
+// selected. L2 bytes per mma.sp: 2048 * M / BM, i.e. 64 at M = 8 and BM = 256 (half of kt), 32 at M = 4.
+//
+// CTA tile: BM = WM * WARPS_M rows (WM = 64, so a warp's rows lie in one V-block: host V % 64 == 0), BN
+// tokens, one k-step per pipeline stage: B [64][BN+8] halves (8*M rows used), values [BM][48] bytes,
+// metadata [BM][16] bytes, the column indices of each warp row's V-block [WARPS_M][32] bytes. Rows past Rp
+// (the CTA may overhang the weight) read zeros and are not stored.
+// Bank conflicts of the B reads: the 8 rows of one ldmatrix matrix come from 2 groups (4 selected columns
+// each); with the row pitch BN*2 + 16 bytes, row r sits in 16-byte bank slot r % 8, so at M = 4 the two groups
+// never collide and at M = 8 two rows collide where both groups selected the same column (data-dependent,
+// at most 2-way).
+// x^T: Gp*M rows (zeros past K) with ldt % BN == 0 (host), so no copy needs a bounds check.
+// Dynamic shared memory: max(STAGES * STAGE, BN * (BM + 8) * 2).
+// =============================================================================================
+template <int WM, int WN, int WARPS_M, int WARPS_N>
+struct KdLayout {
+  static constexpr int BM = WM * WARPS_M;
+  static constexpr int BN = WN * WARPS_N;
+  static constexpr int BP = BN + 8;            // halves per x^T row of the B tile
+  static constexpr int B_BYTES = 64 * BP * 2;  // 8 * M <= 64 rows
+  static constexpr int AP = 48;                // values: 32 bytes per row and k-step (+16: conflict-free ldmatrix)
+  static constexpr int MP = 16;                // metadata: 8 bytes per row and k-step
+  static constexpr int STAGE = B_BYTES + BM * AP + BM * MP + WARPS_M * 32;
+};
+
+template <bool BF16, int WM, int WN, int WARPS_M, int WARPS_N, int STAGES>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
+    spatha_spmm_kd(const SpmmParams p) {
+  using L = KdLayout<WM, WN, WARPS_M, WARPS_N>;
+  constexpr int FM = WM / 16;
+  constexpr int FN = WN / 8;
+  constexpr int BM = L::BM;
+  constexpr int BN = L::BN;
+  constexpr int NT = WARPS_M * WARPS_N * 32;
+  constexpr int CPR = BN / 8;  // 16-byte chunks per x^T row of the tile
+  static_assert(WM == 64, "kd: a warp's rows lie in one V-block (V % 64 == 0)");
+  static_assert(WN % 8 == 0 && (CPR & (CPR - 1)) == 0 && NT % CPR == 0, "kd tile");
+  static_assert(STAGES >= 2, "stages");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % WARPS_M;
+  const int wn = warp / WARPS_M;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int pp = tig & 1;
+  const int lq = lane >> 3;  // ldmatrix: matrix this lane addresses
+  const int lr = lane & 7;   // ldmatrix: row in that matrix
+
+  const int m0 = blockIdx.x * BM;
+  const int n0 = blockIdx.y * BN;
+  const int s_begin = blockIdx.z * p.steps_per_split;
+  const int s_end = min(p.Gp / 8, s_begin + p.steps_per_split);
+  const int nsteps = s_end - s_begin;
+  const int M = p.M;
+  const int xrows = 8 * M;
+
+  const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
+  const unsigned short* xt = reinterpret_cast<const unsigned short*>(p.x);
+
+  auto load_stage = [&](int w, int st) {
+    unsigned char* base = smem_raw + st * L::STAGE;
+    unsigned short* bs = reinterpret_cast<unsigned short*>(base);
+    unsigned char* as = base + L::B_BYTES;
+    unsigned char* ms = as + BM * L::AP;
+    unsigned char* csd = ms + BM * L::MP;
+    const int g0 = 8 * (s_begin + w);  // first group of the k-step
+    {  // B: the 8*M rows of x^T of the step's groups, BN tokens each
+      const int ch = tid & (CPR - 1);
+      const unsigned short* src = xt + (long long)g0 * M * p.ldx + n0 + ch * 8;
+      for (int r = tid / CPR; r < xrows; r += NT / CPR)
+        cp_async_16(bs + r * L::BP + ch * 8, src + (long long)r * p.ldx, 16);
+    }
+#pragma unroll
+    for (int j = 0; j < (BM * 2 + NT - 1) / NT; ++j) {  // values: 2 chunks of 16 B per row
+      const int i = tid + j * NT;
+      if ((BM * 2) % NT == 0 || i < BM * 2) {
+        const int row = i >> 1;
+        const int c = i & 1;
+        const bool ok = m0 + row < p.Rp;
+        const unsigned char* src = ok ? vals8 + ((long long)(m0 + row) * p.Gp + g0 + 4 * c) * 4 : vals8;
+        cp_async_16(as + row * L::AP + c * 16, src, ok ? 16 : 0);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < (BM + NT - 1) / NT; ++j) {  // metadata: 8 B per row
+      const int i = tid + j * NT;
+      if (BM % NT == 0 || i < BM) {
+        const bool ok = m0 + i < p.Rp;
+        const unsigned char* src = ok ? p.meta + (long long)(m0 + i) * p.Gp + g0 : p.meta;
+        cp_async_8(ms + i * L::MP, src, ok ? 8 : 0);
+      }
+    }
+    if (tid < WARPS_M * 2) {  // column indices of each warp row's V-block: 8 groups x 4 bytes
+      const int w2 = tid >> 1;
+      const int c = tid & 1;
+      const bool ok = m0 + w2 * WM < p.Rp;
+      const unsigned char* src =
+          ok ? p.columns + ((long long)((m0 + w2 * WM) / p.V) * p.Gp + g0) * 4 + c * 16 : p.columns;
+      cp_async_16(csd + w2 * 32 + c * 16, src, ok ? 16 : 0);
+    }
+  };
+
+  float acc[FM][FN][4];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+  auto compute_step = [&](int st, int) {
+    const unsigned char* base = smem_raw + st * L::STAGE;
+    const unsigned short* bs = reinterpret_cast<const unsigned short*>(base);
+    const unsigned char* as = base + L::B_BYTES;
+    const unsigned char* ms = as + BM * L::AP;
+    const unsigned char* csd = ms + BM * L::MP;
+    unsigned a[FM][4];
+    unsigned e[FM];
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+      // matrices: 0 = rows 0-7 / k 0-7, 1 = rows 8-15 / k 0-7, 2 = rows 0-7 / k 8-15, 3 = rows 8-15 / k 8-15
+      const int arow = wm * WM + i * 16 + lr + (lq & 1) * 8;
+      ldmatrix_x4(a[i], as + arow * L::AP + (lq >> 1) * 16);
+      const int row = wm * WM + i * 16 + g;
+      const unsigned m0w = *reinterpret_cast<const unsigned*>(ms + row * L::MP + 4 * pp);
+      const unsigned m1w = *reinterpret_cast<const unsigned*>(ms + (row + 8) * L::MP + 4 * pp);
+      e[i] = compact_nibbles(m0w) | (compact_nibbles(m1w) << 16);
+    }
+    // B fragment j, matrix q = k-rows 8q..8q+7 of the step: this lane's k-row kr is the selected column
+    // csd[kr] of group kr / 4 of its warp row's V-block, i.e. x^T row (kr / 4) * M + csd[kr] of the tile
+    const int kr = lq * 8 + lr;
+    const unsigned short* bw = bs + ((kr >> 2) * M + csd[wm * 32 + kr]) * L::BP + wn * WN;
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      unsigned b[4];
+      ldmatrix_x4_trans(b, bw + j * 8);
+#pragma unroll
+      for (int i = 0; i < FM; ++i) mma_sp_16832<BF16>(acc[i][j], a[i], b, e[i]);
+    }
+  };
+
+  run_pipeline<STAGES, 1>(nsteps, nsteps, load_stage, compute_step);
+
+  store_tile<BF16, WM, WN, WARPS_M, WARPS_N>(acc, p, m0, n0, wm, wn, smem_raw);
+}
+
+// =============================================================================================
 // v4 decode path (<= 16 tokens): spatha_spmm_stream -- the weight streams from HBM straight into
 // registers; nothing of it goes through shared memory.
 //

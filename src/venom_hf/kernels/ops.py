@@ -320,6 +320,13 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
             if steps:
                 return c, 2, split, steps
             continue
+        if c.kernel == "kd":  # a warp's 64 rows in one V-block; the B tile holds 8*M <= 64 rows
+            if v % 64 or m > 8:
+                continue
+            split, steps = _split(c, 1, T, Rp, nsteps, num_sms)
+            if c.smem_bytes(m, 1, steps) > max_smem:
+                continue
+            return c, 1, split, steps
         if c.kernel == "kt":
             if v % c.bm:
                 continue
@@ -402,7 +409,7 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
         return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
     y = torch.empty((T, R), dtype=x.dtype, device=x.device)
     bf16 = x.dtype == torch.bfloat16
-    kt = cfg.kernel == "kt"
+    kt = cfg.kernel in ("kt", "kd")  # both read x^T
     stream_k = cfg.kernel in ("stream", "ring")
     if stream_k:
         return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead)
