@@ -199,12 +199,12 @@ def main():
                     continue
                 if args.sweep_configs and not any(f in c.name for f in args.sweep_configs.split(",")):
                     continue
-                if T > 16 and not (c.kernel in ("kt", "kd") or c.name in ("large64", "huge64", "large32")):
+                if T > 16 and not (c.kernel == "kt" or c.name in ("large64", "huge64", "large32")):
                     continue
                 nsm = torch.cuda.get_device_properties(0).multi_processor_count
                 if ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, 227 * 1024,
                                      c.name)[0].name != c.name:
-                    continue  # the config does not take this case (e.g. kd at M > 8): no mislabelled row
+                    continue  # the config declines this case (the search would fall back): no mislabelled row
                 if T <= 16 and not (c.kernel in ("stream", "ring") and T <= c.bn or c.name == "decode16x8"):
                     continue
                 cps_grid = {"stream": (1.0, 2.0, 4.0), "ring": (0.25, 1.0, 3.0)}.get(c.kernel, (None,))

@@ -86,6 +86,16 @@ def test_choose_config_rules():
     assert cfg.kernel == "kt" and steps <= configs.KT_MAX_STEPS and split * steps >= 1500
 
 
+def test_prefill_dispatch_v128():
+    """V % 128 == 0: the 128-row kt tiles only from 2048 tokens and with enough CTAs (run-15 table), else the
+    64-row tiles."""
+    pick = lambda T, R, K: ops.choose_config(T, R, K // 8, 128, 8, 132, 227 * 1024)[0].name  # noqa: E731
+    assert pick(2048, 4096, 4096) == "kt128x128" and pick(8192, 11008, 4096) == "kt128x128"
+    assert pick(512, 4096, 4096) == "kt64x128k2" and pick(128, 11008, 4096) == "kt64x128k2"
+    assert pick(2048, 768, 768) == "kt64x128k2" and pick(8192, 192, 576) == "kt64x128k2"
+    assert pick(8192, 768, 768) == "kt128x128"  # 6 x 64 tiles
+
+
 def test_decode_dispatch():
     """Decode (<= 16 tokens): the v5 ring kernel or the v4 stream kernel, as the run-10/11 sweeps measured;
     every choice fits its V and token count."""

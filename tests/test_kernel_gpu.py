@@ -190,26 +190,6 @@ def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
     check(ys[0], x, wd, None, dtype, f"{kernel} split")
 
 
-# --- v6 kd kernel (M <= 8: dense x^T tiles shared by several V-blocks): every kd config, V 64 / 128 / 256,
-# M 4 / 8, CTAs overhanging the rows (Rp % BM != 0), K % (8 M) != 0, partial token tiles, K split ----------------
-KD = [c.name for c in configs.CONFIGS if c.kernel == "kd"]
-
-
-@pytest.mark.parametrize("cfg", KD)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kd_kernel(cfg, dtype):
-    for R, K, v, m, T in [(4096, 4096, 64, 8, 2048), (576, 1000, 64, 4, 130), (1000, 4096, 128, 8, 333),
-                          (320, 11008, 256, 8, 77), (768, 3072, 64, 8, 4096 + 5), (200, 264, 64, 4, 129)]:
-        p, _ = packed_weight(R, K, v, m, dtype)
-        chosen, kw, split, steps = ops.choose_config(T, p.values.shape[0], p.values.shape[1], v, m, 132,
-                                                     227 * 1024, cfg)
-        assert chosen.name == cfg  # the forced config really runs (no silent fallback)
-        run_case(R, K, v, m, dtype, T, bias=(T % 2 == 1), config=cfg)
-    # M > 8 (the B tile holds 8*M <= 64 rows) or V % 64 != 0: kd declines, the search moves on
-    assert ops.choose_config(256, 4096, 512, 64, 16, 132, 227 * 1024, cfg)[0].name != cfg
-    assert ops.choose_config(256, 4096, 512, 32, 8, 132, 227 * 1024, cfg)[0].name != cfg
-
-
 def test_prefill_uses_kt_kernel():
     for v in (32, 64, 128):
         cfg, kw, split, steps = ops.choose_config(2048, 4096, 512, v, 8, 132, 227 * 1024)

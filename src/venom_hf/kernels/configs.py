@@ -9,9 +9,6 @@ Two kernels:
 * ``kt`` (``spatha_spmm_kt``, v3): prefill. One transpose of x per call (``spatha_transpose``), then
   16-byte gathers of the selected rows of x^T; KW is fixed per config (the B tile does not depend on
   M). The CTA's rows lie in one V-block: BM must divide V.
-* ``kd`` (``spatha_spmm_kd``, v6): prefill at M <= 8. The same x^T, copied as dense tiles of all 8*M rows of
-  a k-step and shared by the CTA's BM / 64 V-blocks (V % 64 == 0); the selection is in the ldmatrix
-  addresses.
 """
 
 from __future__ import annotations
@@ -49,7 +46,7 @@ class TileConfig:
     @property
     def kws(self) -> tuple[int, ...]:
         """The KW values this config is built with."""
-        return (self.kw_fixed,) if self.kernel in ("kt", "kd", "stream", "ring") else KWS
+        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring") else KWS
 
     @property
     def rt(self) -> int:
@@ -57,8 +54,6 @@ class TileConfig:
         return self.wm // 16
 
     def stage_bytes(self, m: int, kw: int) -> int:
-        if self.kernel == "kd":  # KdLayout: B tile [64][BN+8] halves + values [BM][48] + meta [BM][16] + columns
-            return 64 * (self.bn + 8) * 2 + self.bm * 48 + self.bm * 16 + self.warps_m * 32
         if self.kernel == "kt":  # KtLayout: B tile [KW*32][BN+8] halves + values + metadata
             return kw * 32 * (self.bn + 8) * 2 + self.bm * (kw * 32 + 16) + self.bm * (kw * 8 + 8)
         xpitch = kw * 8 * m + 8
@@ -88,8 +83,6 @@ class TileConfig:
             sel = ", true" if self.sel else ""
             return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
                     f"{self.stages}{sel}>")
-        if self.kernel == "kd":  # spatha_spmm_kd<BF16, WM, WN, WARPS_M, WARPS_N, STAGES>
-            return f"venom::spatha_spmm_kd<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}>"
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
             return f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}>"
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
@@ -114,11 +107,6 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("kt64x64", 64, 16, 1, 4, 4, "kt", 1),
     TileConfig("kt128x128", 64, 64, 2, 2, 4, "kt", 1),
     TileConfig("kt32x128", 32, 32, 1, 4, 4, "kt", 1),
-    # v6 prefill for M <= 8 (dense x^T tile shared by BM / 64 V-blocks, selection at ldmatrix): kd<BM>x<BN>
-    TileConfig("kd256x128", 64, 64, 4, 2, 3, "kd", 1),
-    TileConfig("kd256x128s4", 64, 64, 4, 2, 4, "kd", 1),
-    TileConfig("kd128x128", 64, 64, 2, 2, 3, "kd", 1),
-    TileConfig("kd256x128w16", 64, 32, 4, 4, 3, "kd", 1),
     # v4 decode (register weight stream, one launch incl. split-K): stream_n<NT>r<RT>; WR = 8 warps,
     # UP = 2 pairs in flight per buffer; kw_fixed = 2: splits hold whole pairs of k-steps
     TileConfig("stream_n1r2", 32, 8, 8, 1, 2, "stream", 2),

@@ -167,9 +167,19 @@ KT_WIDE_MIN_WEIGHTS = 4096 * 4096
 _PREFILL_V2 = ["huge64", "large64", "large32", "large16"]
 
 
-def _prefill_order(T: int, v: int, m: int, Rp: int = 0, K: int = 0) -> list:
+# kt128x128 (V % 128 == 0) only from KT_WIDE_MIN_TOKENS tokens and with at least this many CTAs per SM: the
+# run-15 cold fp16 table (docs/benchmarks.md) has it 3-19 % faster than kt64x128k2 / kt64x256 on Llama-7B
+# shapes at >= 2048 tokens, but up to 2.2x slower below 2048 tokens (Llama-7B qkvo 512 tok: 67.6 vs 46.3 us)
+# and on small layers whose 128-row tiles leave the GPU short of CTAs (BERT qkvo 2048 tok: 29.7 vs 14.1 us).
+KT128_MIN_CTAS_PER_SM = 2.0
+
+
+def _prefill_order(T: int, v: int, m: int, Rp: int = 0, K: int = 0, num_sms: int = 132) -> list:
     B = _cfg.BY_NAME
     kt = next((names for vv, names in _PREFILL_KT.items() if v % vv == 0), []) if T >= KT_MIN_TOKENS else []
+    if kt and kt[0] == "kt128x128" and not (
+            T >= KT_WIDE_MIN_TOKENS and math.ceil(Rp / 128) * math.ceil(T / 128) >= KT128_MIN_CTAS_PER_SM * num_sms):
+        kt = kt[1:]
     if kt and v % 128 and v % 64 == 0 and T >= KT_WIDE_MIN_TOKENS and Rp * K >= KT_WIDE_MIN_WEIGHTS:
         kt = ["kt64x256"] + kt
     return [B[n] for n in kt] + [B[n] for n in _PREFILL_V2]
@@ -290,7 +300,7 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
     key = (T, Rp, Gp, v, m, num_sms, max_smem, name, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
            RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS,
-           KT_WIDE_MIN_WEIGHTS)
+           KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM)
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
@@ -306,7 +316,7 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
     elif T <= 16:  # decode: the register weight stream (v4), the v2 decode tiles as fallback
         order = _decode_order(T, Rp, v, m, Gp * m)
     else:
-        order = _prefill_order(T, v, m, Rp, Gp * m)
+        order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
     order += [B["decode16"]]
     nsteps = Gp // 8
     for c in order:
@@ -320,13 +330,6 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
             if steps:
                 return c, 2, split, steps
             continue
-        if c.kernel == "kd":  # a warp's 64 rows in one V-block; the B tile holds 8*M <= 64 rows
-            if v % 64 or m > 8:
-                continue
-            split, steps = _split(c, 1, T, Rp, nsteps, num_sms)
-            if c.smem_bytes(m, 1, steps) > max_smem:
-                continue
-            return c, 1, split, steps
         if c.kernel == "kt":
             if v % c.bm:
                 continue
@@ -409,7 +412,7 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
         return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
     y = torch.empty((T, R), dtype=x.dtype, device=x.device)
     bf16 = x.dtype == torch.bfloat16
-    kt = cfg.kernel in ("kt", "kd")  # both read x^T
+    kt = cfg.kernel == "kt"
     stream_k = cfg.kernel in ("stream", "ring")
     if stream_k:
         return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead)
