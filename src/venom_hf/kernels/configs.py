@@ -121,8 +121,8 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("ring_n1r1k8", 16, 8, 1, 8, 4, "ring", 2),
     TileConfig("ring_n2r1", 16, 16, 2, 4, 4, "ring", 2),
     TileConfig("ring_n2r2w8", 32, 16, 8, 1, 3, "ring", 2),
-    # v5.1 (prepared in session 4, NOT run on a GPU yet, so not dispatched): the ring with x pre-gathered
-    # per V-block, fewer shared-memory instructions per pair (docs/perf-notes.md v5.1)
+    # v5.1 / v5.2 (session 5): the ring with x pre-gathered per V-block in B-register order (one 16-byte
+    # shared load per k-step); ring_n1r1sel is dispatched at 1 token on tall layers with K <= 4096
     TileConfig("ring_n1r1sel", 16, 8, 2, 4, 4, "ring", 2, sel=True),
     TileConfig("ring_n1r1k8sel", 16, 8, 1, 8, 4, "ring", 2, sel=True),
 )

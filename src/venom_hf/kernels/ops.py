@@ -168,7 +168,7 @@ _PREFILL_V2 = ["huge64", "large64", "large32", "large16"]
 
 
 # kt128x128 (V % 128 == 0) only from KT_WIDE_MIN_TOKENS tokens and with at least this many CTAs per SM: the
-# run-15 cold fp16 table (docs/benchmarks.md) has it 3-19 % faster than kt64x128k2 / kt64x256 on Llama-7B
+# run-15 cold fp16 table (docs/results/spmm_v52_cold_fp16_h100.json, perf-notes session 5) has it 3-19 % faster than kt64x128k2 / kt64x256 on Llama-7B
 # shapes at >= 2048 tokens, but up to 2.2x slower below 2048 tokens (Llama-7B qkvo 512 tok: 67.6 vs 46.3 us)
 # and on small layers whose 128-row tiles leave the GPU short of CTAs (BERT qkvo 2048 tok: 29.7 vs 14.1 us).
 KT128_MIN_CTAS_PER_SM = 2.0
@@ -213,9 +213,9 @@ RING_SMALL_ROWS = 2048
 RING_SMALL_ROWS_16 = 4096
 
 
-# 1 token on a tall layer with K <= this: the ring kernel with x pre-gathered per V-block (v5.1, ring_n1r1sel).
-# Cold-weight sweep of run 11 (docs/perf-notes.md v5.1): 4-9 % faster than ring_n1r1 at K = 4096 (4096 to
-# 22016 rows), 8 % slower at K = 11008 (its pre-gathered x grows with K).
+# 1 token on a tall layer with K <= this: the ring kernel with x pre-gathered per V-block (v5.1/v5.2,
+# ring_n1r1sel). Cold-weight sweeps of runs 11 and 13 (docs/perf-notes.md, session 5): 4-10 % faster than
+# ring_n1r1 at K = 4096 (4096 to 22016 rows), 7 % slower at K = 11008 (its pre-gathered x grows with K).
 RING_SEL_MAX_K = 4096
 
 
