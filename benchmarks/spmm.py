@@ -211,9 +211,14 @@ def main():
                 for cps in cps_grid:
                     if cps is not None:  # the global split-K knob of the decode kernels
                         ops.STREAM_CTAS_PER_SM = ops.RING_CTAS_PER_SM = cps
-                    fn = lambda c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R, config=c.name)
+                    tiles = ops.stream_tiles(p.values, p.meta) if c.tiled else None
+                    fn = lambda c=c, tiles=tiles: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R,
+                                                                 config=c.name, tiles=tiles)
                     y = fn()
-                    if args.cold:
+                    if args.cold and c.tiled:  # rotate copies of the stream-order weight (what the kernel reads)
+                        fn = cold(lambda t_, c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R,
+                                                                 config=c.name, tiles=t_), [tiles], nbytes(tiles))
+                    elif args.cold:
                         fn = cold(lambda v_, c_, m_, c=c: ops._spmm_cuda(x, v_, c_, m_, None, s.v, s.m, R, config=c.name),
                                   [p.values, p.columns, p.meta], nbytes(p.values, p.columns, p.meta))
                     err = ((y.double() - x.double() @ wd.T).norm() / (x.double() @ wd.T).norm()).item()

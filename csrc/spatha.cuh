@@ -1090,7 +1090,11 @@ __device__ __forceinline__ void cp_async_wait_mem() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-template <bool BF16, int NT, int RT, int RW, int KS, int S, bool SEL = false>
+// TILED (experimental, session 5; never dispatched): p.values is the weight in STREAM order (ops.stream_tiles):
+// per (16-row tile, pair of k-steps) one contiguous TB-byte chunk laid out exactly like a ring slot, so each
+// lane's three copies of a pair read consecutive bytes of one chunk and a warp's pair is one 1280-byte run of
+// memory (the canonical layout spreads it over 16 rows x 64 + 16 x 8 bytes). p.meta is not read.
+template <bool BF16, int NT, int RT, int RW, int KS, int S, bool SEL = false, bool TILED = false>
 __global__ void __launch_bounds__(RW * KS * 32)
     spatha_spmm_ring(const SpmmParams p) {
   constexpr int NTH = RW * KS * 32;
@@ -1179,10 +1183,18 @@ __global__ void __launch_bounds__(RW * KS * 32)
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       unsigned char* d = my_ring + (st * RT + i) * TB;
-      const unsigned char* vp = vals8 + vrow + i * vstep + (long long)gv * 4;
-      cp_async_16_mem(d + lane * 16, vok ? vp : vals8, vok ? 16 : 0);
-      cp_async_16_mem(d + 512 + lane * 16, vok ? vp + 8LL * p.Gp * 4 : vals8, vok ? 16 : 0);
-      cp_async_8_mem(d + 1024 + lane * 8, mok ? p.meta + mrow + i * 16LL * p.Gp + 16 * u : p.meta, mok ? 8 : 0);
+      if constexpr (TILED) {  // chunk (16-row tile, pair): the same bytes at the same offsets as the ring slot
+        const unsigned char* c =
+            vals8 + (((long long)(wrow >> 4) + i) * ((p.Gp + 15) >> 4) + (g_begin >> 4) + u) * TB;
+        cp_async_16_mem(d + lane * 16, vok ? c + lane * 16 : vals8, vok ? 16 : 0);
+        cp_async_16_mem(d + 512 + lane * 16, vok ? c + 512 + lane * 16 : vals8, vok ? 16 : 0);
+        cp_async_8_mem(d + 1024 + lane * 8, mok ? c + 1024 + lane * 8 : vals8, mok ? 8 : 0);
+      } else {
+        const unsigned char* vp = vals8 + vrow + i * vstep + (long long)gv * 4;
+        cp_async_16_mem(d + lane * 16, vok ? vp : vals8, vok ? 16 : 0);
+        cp_async_16_mem(d + 512 + lane * 16, vok ? vp + 8LL * p.Gp * 4 : vals8, vok ? 16 : 0);
+        cp_async_8_mem(d + 1024 + lane * 8, mok ? p.meta + mrow + i * 16LL * p.Gp + 16 * u : p.meta, mok ? 8 : 0);
+      }
     }
   };
   const int np_w = ks < npairs ? (npairs - ks + KS - 1) / KS : 0;  // pairs of this warp

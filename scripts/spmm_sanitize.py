@@ -21,13 +21,15 @@ for (R, K, v, m, T, cfg) in [(200, 300, 64, 8, 1, None), (136, 520, 16, 16, 33, 
                              (200, 300, 64, 8, 1, "ring_n1r1"), (136, 520, 16, 32, 16, "ring_n2r1"),
                              (4096, 1000, 32, 4, 8, "ring_n1r1"), (1000, 4096, 64, 16, 13, "ring_n2r2w8"),
                              (576, 576, 64, 8, 3, "ring_n1r1k8"),
-                             (200, 300, 64, 8, 5, "ring_n1r1sel"), (1000, 4096, 32, 16, 8, "ring_n1r1k8sel")]:
+                             (200, 300, 64, 8, 5, "ring_n1r1sel"), (1000, 4096, 32, 16, 8, "ring_n1r1k8sel"),
+                             (200, 300, 64, 8, 1, "ring_n1r1selt"), (1000, 4096, 32, 16, 3, "ring_n1r1selt")]:
     for dt in (torch.float16, torch.bfloat16):
         w = torch.randn(R, K, device=dev).to(dt)
         p = vf.pack(w, f"{v}:2:{m}")
         x = torch.randn(T, K, device=dev).to(dt)
         b = torch.randn(R, device=dev).to(dt)
-        y = ops._spmm_cuda(x, p.values, p.columns, p.meta, b, v, m, R, config=cfg)
+        tiles = ops.stream_tiles(p.values, p.meta) if cfg and configs.BY_NAME[cfg].tiled else None
+        y = ops._spmm_cuda(x, p.values, p.columns, p.meta, b, v, m, R, config=cfg, tiles=tiles)
         ref = x.double() @ vf.unpack(p).double().T + b.double()
         err = ((y.double() - ref).norm() / ref.norm()).item()
         ok = err < (4e-3 if dt == torch.float16 else 2e-2)

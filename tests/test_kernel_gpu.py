@@ -131,7 +131,7 @@ def test_all_v_m(v, m, dtype):
 
 
 # --- every shipped tile config, forced, with residues and split-K ----------------------------------------
-@pytest.mark.parametrize("cfg", [c.name for c in configs.CONFIGS])
+@pytest.mark.parametrize("cfg", [c.name for c in configs.CONFIGS if not c.tiled])  # tiled: test_stream_tiles
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_config(cfg, dtype):
     c = configs.BY_NAME[cfg]
@@ -141,7 +141,7 @@ def test_every_config(cfg, dtype):
 
 
 # --- v4 stream / v5 ring kernels (decode): every config, K split off and on, odd shapes, every V / M --------
-STREAM = [c.name for c in configs.CONFIGS if c.kernel in ("stream", "ring")]
+STREAM = [c.name for c in configs.CONFIGS if c.kernel in ("stream", "ring") and not c.tiled]
 
 
 @pytest.mark.parametrize("cfg", STREAM)
@@ -188,6 +188,28 @@ def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
     assert all(torch.equal(ys[0], y) for y in ys[1:])
     assert all(int(c.abs().sum()) == 0 for c in ops._COUNTERS.values())
     check(ys[0], x, wd, None, dtype, f"{kernel} split")
+
+
+# --- experimental TILED ring config: the weight in stream order gives bitwise the same result as the canonical
+# layout (same kernel otherwise), with the K split off and forced; without the tiles it refuses -----------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ctas_per_sm", [0.001, 8.0])
+def test_stream_tiles(dtype, ctas_per_sm, monkeypatch):
+    monkeypatch.setattr(ops, "RING_CTAS_PER_SM", ctas_per_sm)
+    for R, K, v, m, T in [(4096, 4096, 64, 8, 1), (12288, 4096, 64, 8, 1), (200, 264, 32, 4, 3), (320, 1000, 64, 16, 8),
+                          (4096, 11008, 128, 8, 1), (576, 1536, 64, 32, 5)]:
+        p, wd = packed_weight(R, K, v, m, dtype)
+        tiles = ops.stream_tiles(p.values, p.meta)
+        x = torch.randn(T, K, device=DEV).to(dtype)
+        b = torch.randn(R, device=DEV).to(dtype) if T % 2 else None
+        poison()
+        y_t = ops._spmm_cuda(x, p.values, p.columns, p.meta, b, v, m, R, config="ring_n1r1selt", tiles=tiles)
+        y_s = ops._spmm_cuda(x, p.values, p.columns, p.meta, b, v, m, R, config="ring_n1r1sel")
+        torch.cuda.synchronize()
+        assert torch.equal(y_t, y_s), (R, K, v, m, T)
+        check(y_t, x, wd, b, dtype, f"tiled R={R} K={K} {v}:2:{m} T={T}")
+    with pytest.raises(ValueError, match="stream order"):
+        ops._spmm_cuda(x, p.values, p.columns, p.meta, None, v, m, R, config="ring_n1r1selt")
 
 
 def test_prefill_uses_kt_kernel():

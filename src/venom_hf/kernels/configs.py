@@ -29,6 +29,7 @@ class TileConfig:
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
     sel: bool = False  # ring configs: x pre-gathered per V-block (v5.1, one 8-token tile)
+    tiled: bool = False  # ring configs: weight in stream order (ops.stream_tiles; experimental, never dispatched)
 
     @property
     def bm(self) -> int:
@@ -81,6 +82,8 @@ class TileConfig:
         b = "true" if bf16 else "false"
         if self.kernel == "ring":  # spatha_spmm_ring<BF16, NT, RT, RW, KS, S[, SEL]>
             sel = ", true" if self.sel else ""
+            if self.tiled:  # spatha_spmm_ring<..., SEL, TILED>
+                sel = f", {'true' if self.sel else 'false'}, true"
             return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
                     f"{self.stages}{sel}>")
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
@@ -125,6 +128,9 @@ CONFIGS: tuple[TileConfig, ...] = (
     # shared load per k-step); ring_n1r1sel is dispatched at 1 token on tall layers with K <= 4096
     TileConfig("ring_n1r1sel", 16, 8, 2, 4, 4, "ring", 2, sel=True),
     TileConfig("ring_n1r1k8sel", 16, 8, 1, 8, 4, "ring", 2, sel=True),
+    # experimental (session 5): ring_n1r1sel reading the weight in stream order (ops.stream_tiles); only run
+    # when a caller passes the tiles explicitly (tests, benchmarks/spmm.py --sweep)
+    TileConfig("ring_n1r1selt", 16, 8, 2, 4, 4, "ring", 2, sel=True, tiled=True),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 

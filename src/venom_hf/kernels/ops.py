@@ -373,7 +373,37 @@ def transpose_kmajor(x: torch.Tensor) -> torch.Tensor:
         return _launch_transpose(mod, _cfg.TRANSPOSE_EXPR, x, x.stride(0), torch.cuda.current_stream(idx).cuda_stream)
 
 
-def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str | None = None):
+STREAM_TILE_BYTES = 1280  # one (16-row tile, pair of k-steps): values of rows g / g+8 [32][16 B] x 2 + meta [32][8 B]
+
+
+def stream_tiles(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The packed weight in STREAM order, for the experimental ``TILED`` ring config (``ring_n1r1selt``):
+    (Rp/16, ceil(Gp/16), 1280) uint8, where chunk (t, u) holds exactly the bytes that the warp owning rows
+    16t..16t+15 copies into one ring slot for pair u (groups 16u..16u+15), at the same offsets: lane
+    (g, tig) = 4g + tig has the 16 value bytes of row 16t+g, groups 16u+4tig..+3 at 16*lane, those of row
+    16t+8+g at 512 + 16*lane, and the 8 metadata bytes of row 16t+8*(tig>>1)+g, groups 16u+8*(tig&1)..+7 at
+    1024 + 8*lane. Groups past Gp are zero. Pure torch (any device); a full copy of the weight."""
+    Rp, Gp = meta.shape
+    if values.shape[:2] != (Rp, Gp) or Rp % 16:
+        raise ValueError(f"stream_tiles: values {tuple(values.shape)} and meta {tuple(meta.shape)} do not match "
+                         "a packed V:2:M weight with a multiple of 16 rows")
+    npairs = (Gp + 15) // 16
+    vb = values.contiguous().view(torch.uint8).reshape(Rp, Gp, 4)
+    mb = meta.contiguous()
+    if npairs * 16 != Gp:
+        vb = torch.nn.functional.pad(vb, (0, 0, 0, npairs * 16 - Gp))
+        mb = torch.nn.functional.pad(mb, (0, npairs * 16 - Gp))
+    # values: (tile, half, g, pair, tig, group-in-4, byte) -> (tile, pair, half, g, tig, group-in-4, byte)
+    vt = vb.reshape(Rp // 16, 2, 8, npairs, 4, 4, 4).permute(0, 3, 1, 2, 4, 5, 6).reshape(Rp // 16, npairs, 1024)
+    # meta: (tile, h, g, pair, pp, j) -> (tile, pair, g, h, pp, j): lane = 4g + 2h + pp
+    mt = mb.reshape(Rp // 16, 2, 8, npairs, 2, 8).permute(0, 3, 2, 1, 4, 5).reshape(Rp // 16, npairs, 256)
+    return torch.cat([vt, mt], dim=-1).contiguous()
+
+
+def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str | None = None,
+               tiles: torch.Tensor | None = None):
+    """The CUDA path. ``config`` forces a tile config; ``tiles`` (``stream_tiles(values, meta)``) is required
+    by, and only used with, the experimental TILED configs."""
     K = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -415,7 +445,17 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
     kt = cfg.kernel == "kt"
     stream_k = cfg.kernel in ("stream", "ring")
     if stream_k:
-        return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead)
+        wptr = values.data_ptr()
+        if cfg.tiled:
+            want = (Rp // 16, (Gp + 15) // 16, STREAM_TILE_BYTES)
+            if tiles is None or tuple(tiles.shape) != want or tiles.dtype != torch.uint8 or not tiles.is_contiguous() \
+                    or tiles.device != values.device:
+                raise ValueError(f"config {cfg.name} reads the weight in stream order: pass "
+                                 f"tiles=stream_tiles(values, meta), a contiguous uint8 tensor of shape {want} on "
+                                 f"{values.device}")
+            wptr = tiles.data_ptr()
+        return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead,
+                              wptr)
     ws = torch.empty((split, T, R), dtype=torch.float32, device=x.device) if split > 1 else None
     with _on_device(idx):
         stream = torch.cuda.current_stream(idx).cuda_stream
@@ -457,7 +497,8 @@ def _counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
     return c
 
 
-def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead):
+def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead,
+                   wptr: int | None = None):
     T, K = x2.shape
     R = y.shape[1]
     Rp, Gp = values.shape[0], values.shape[1]
@@ -469,7 +510,7 @@ def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m
         expr = cfg.expr(bf16, 2)
         mod = _nvrtc.get_module([expr], arch, idx)
         p = _SpmmParams(
-            x2.data_ptr(), values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
+            x2.data_ptr(), wptr if wptr is not None else values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
             bias.data_ptr() if bias is not None else None, y.data_ptr(),
             ws.data_ptr() if ws is not None else None,
             ldx, R, T, K, R, Rp, Gp, v, m, steps, split,
