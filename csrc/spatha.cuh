@@ -1019,8 +1019,8 @@ __global__ void __launch_bounds__(WR * 32)
 
 // The same pair for one 8-token tile, with B read from x pre-gathered per V-block (spatha_spmm_ring with
 // SEL), in fragment order: words u*32 + s*16 + tig*4 + q of this lane's token row ARE its B registers
-// b[0..3] of k-step s of pair u (the pre-gather in spatha_spmm_ring), so one k-step's B is ONE 16-byte shared load (v5.1: four
-// 32-bit loads; the gather form: a column word + 2 two-byte loads per register).
+// b[0..3] of k-step s of pair u (the pre-gather in spatha_spmm_ring), so one k-step's B is ONE 16-byte
+// shared load (v5.1: four 32-bit loads; the gather form: a column word + 2 two-byte loads per register).
 template <bool BF16, int RT>
 __device__ __forceinline__ void stream_pair_mma_sel(float (&acc)[RT][1][4], const StreamFrag (&f)[RT],
                                                     const unsigned* xsel_row, int u, int lane) {
