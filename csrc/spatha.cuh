@@ -890,6 +890,61 @@ __device__ __forceinline__ void stream_epilogue(const SpmmParams& p, float (&acc
   if (tid == 0) p.counters[blockIdx.x] = 0;
 }
 
+__device__ __forceinline__ void cp_async_16_mem(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_8_mem(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+// "memory" clobbers: the ring is read with plain shared loads and re-filled without a barrier, so the
+// compiler must not move those loads across the waits and copies.
+__device__ __forceinline__ void cp_async_commit_mem() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_mem() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The decode kernels' (v4 stream, v5 ring) staging of one split's operands with cp.async, not committed:
+// the x chunk (rows token rows, cpr 16-byte chunks from column g_begin*M; zero past K, and past T when
+// CHECK_T) into xs [rows][XP], and the column words of each of the row_warps row warps' V-block (groups
+// g_begin .. g_end, the warp's first row m0 + w*rows_per_warp) into cs [row_warps][ngp]. MEM: the copies
+// with a "memory" clobber (the ring kernel reads its buffers without barriers in between).
+template <bool MEM, bool CHECK_T, int NTH>
+__device__ __forceinline__ void stage_x_and_columns(const SpmmParams& p, unsigned short* xs, int XP, int rows,
+                                                    int cpr, unsigned* cs, int row_warps, int rows_per_warp,
+                                                    int m0, int ngp, int g_begin, int g_end) {
+  const int tid = threadIdx.x;
+  const unsigned short* x16 = reinterpret_cast<const unsigned short*>(p.x);
+  const int col0 = g_begin * p.M;
+  for (int i = tid; i < rows * cpr; i += NTH) {
+    const int row = i / cpr;
+    const int ch = i - row * cpr;
+    const int col = col0 + ch * 8;
+    const int valid = (!CHECK_T || row < p.T) ? p.K - col : 0;
+    const int bytes = valid >= 8 ? 16 : (valid > 0 ? valid * 2 : 0);
+    const unsigned short* src = bytes ? x16 + (long long)row * p.ldx + col : x16;
+    if (MEM)
+      cp_async_16_mem(xs + row * XP + ch * 8, src, bytes);
+    else
+      cp_async_16(xs + row * XP + ch * 8, src, bytes);
+  }
+  const int cpw = ngp >> 2;  // 16-byte chunks (4 groups) per warp
+  for (int i = tid; i < row_warps * cpw; i += NTH) {
+    const int w = i / cpw;
+    const int c = i - w * cpw;
+    const int row0 = min(m0 + w * rows_per_warp, p.Rp - 1);
+    const int gg = g_begin + 4 * c;
+    const bool ok = gg < g_end;
+    const unsigned char* src = ok ? p.columns + ((long long)(row0 / p.V) * p.Gp + gg) * 4 : p.columns;
+    if (MEM)
+      cp_async_16_mem(cs + w * ngp + 4 * c, src, ok ? 16 : 0);
+    else
+      cp_async_16(cs + w * ngp + 4 * c, src, ok ? 16 : 0);
+  }
+}
+
 template <bool BF16, int NT, int RT, int WR, int UP>
 __global__ void __launch_bounds__(WR * 32)
     spatha_spmm_stream(const SpmmParams p) {
@@ -959,28 +1014,7 @@ __global__ void __launch_bounds__(WR * 32)
 
   // ---- x chunk and column indices -> shared memory ---------------------------------------------
   {
-    const unsigned short* x16 = reinterpret_cast<const unsigned short*>(p.x);
-    const int col0 = g_begin * M;
-    const int cpr = XW >> 3;  // 16-byte chunks per staged row
-    for (int i = tid; i < TP * cpr; i += NTH) {
-      const int row = i / cpr;
-      const int ch = i - row * cpr;
-      const int col = col0 + ch * 8;
-      const int valid = row < p.T ? p.K - col : 0;
-      const int bytes = valid >= 8 ? 16 : (valid > 0 ? valid * 2 : 0);
-      const unsigned short* src = bytes ? x16 + (long long)row * p.ldx + col : x16;
-      cp_async_16(xs + row * XP + ch * 8, src, bytes);
-    }
-    const int cpw = ngp >> 2;  // 16-byte chunks (4 groups) per warp
-    for (int i = tid; i < WR * cpw; i += NTH) {
-      const int w = i / cpw;
-      const int c = i - w * cpw;
-      const int row0 = min(m0 + w * 16 * RT, p.Rp - 1);
-      const int gg = g_begin + 4 * c;
-      const bool ok = gg < g_end;
-      const unsigned char* src = ok ? p.columns + ((long long)(row0 / p.V) * p.Gp + gg) * 4 : p.columns;
-      cp_async_16(cs + w * ngp + 4 * c, src, ok ? 16 : 0);
-    }
+    stage_x_and_columns<false, true, NTH>(p, xs, XP, TP, XW >> 3, cs, WR, 16 * RT, m0, ngp, g_begin, g_end);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -1074,22 +1108,6 @@ __device__ __forceinline__ void stream_pair_mma_sel(float (&acc)[RT][1][4], cons
 // loads, 4 metadata shuffles, 2 B loads) instead of 15 with v5.1's 32-bit B loads and 31 in the gather
 // form; the run-10 profile says these (MIO) are the limiter.
 // =============================================================================================
-__device__ __forceinline__ void cp_async_16_mem(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_8_mem(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes)
-               : "memory");
-}
-// "memory" clobbers: the ring is read with plain shared loads and re-filled without a barrier, so the
-// compiler must not move those loads across the waits and copies.
-__device__ __forceinline__ void cp_async_commit_mem() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_mem() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // TILED (experimental, session 5; never dispatched): p.values is the weight in STREAM order (ops.stream_tiles):
 // per (16-row tile, pair of k-steps) one contiguous TB-byte chunk laid out exactly like a ring slot, so each
 // lane's three copies of a pair read consecutive bytes of one chunk and a warp's pair is one 1280-byte run of
@@ -1146,28 +1164,8 @@ __global__ void __launch_bounds__(RW * KS * 32)
 
   // ---- x chunk (TS token rows) and the row warps' column words: cp.async group 0 ----------------------
   {
-    const unsigned short* x16 = reinterpret_cast<const unsigned short*>(p.x);
-    const int col0 = g_begin * M;
-    const int cpr = XW >> 3;
-    for (int i = tid; i < TS * cpr; i += NTH) {
-      const int row = i / cpr;
-      const int ch = i - row * cpr;
-      const int col = col0 + ch * 8;
-      const int valid = p.K - col;
-      const int bytes = valid >= 8 ? 16 : (valid > 0 ? valid * 2 : 0);
-      const unsigned short* src = bytes ? x16 + (long long)row * p.ldx + col : x16;
-      cp_async_16_mem(xs + row * XP + ch * 8, src, bytes);
-    }
-    const int cpw = ngp >> 2;
-    for (int i = tid; i < RW * cpw; i += NTH) {
-      const int w = i / cpw;
-      const int c = i - w * cpw;
-      const int row0 = min(m0 + w * 16 * RT, p.Rp - 1);
-      const int gg = g_begin + 4 * c;
-      const bool ok = gg < g_end;
-      const unsigned char* src = ok ? p.columns + ((long long)(row0 / p.V) * p.Gp + gg) * 4 : p.columns;
-      cp_async_16_mem(cs + w * ngp + 4 * c, src, ok ? 16 : 0);
-    }
+    // TS <= T rows: no token check needed
+    stage_x_and_columns<true, false, NTH>(p, xs, XP, TS, XW >> 3, cs, RW, 16 * RT, m0, ngp, g_begin, g_end);
     cp_async_commit_mem();
   }
 
