@@ -168,8 +168,9 @@ _PREFILL_V2 = ["huge64", "large64", "large32", "large16"]
 
 
 # kt128x128 (V % 128 == 0) only from KT_WIDE_MIN_TOKENS tokens and with at least this many CTAs per SM: the
-# run-15 cold fp16 table (docs/results/spmm_v52_cold_fp16_h100.json, perf-notes session 5) has it 3-19 % faster than kt64x128k2 / kt64x256 on Llama-7B
-# shapes at >= 2048 tokens, but up to 2.2x slower below 2048 tokens (Llama-7B qkvo 512 tok: 67.6 vs 46.3 us)
+# run-15 cold fp16 table (docs/results/spmm_v52_cold_fp16_h100.json, perf-notes session 5) has it 3-19 %
+# faster than kt64x128k2 / kt64x256 on Llama-7B shapes at >= 2048 tokens, but up to 2.2x slower below 2048
+# tokens (Llama-7B qkvo 512 tok: 67.6 vs 46.3 us)
 # and on small layers whose 128-row tiles leave the GPU short of CTAs (BERT qkvo 2048 tok: 29.7 vs 14.1 us).
 KT128_MIN_CTAS_PER_SM = 2.0
 
@@ -259,9 +260,15 @@ def _stream_split(cfg, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int
     # small layers are latency bound: a few splits always allowed, whatever their share of the traffic
     by_traffic = max(4, int(STREAM_PARTIAL_SHARE * 5 * 8 * nsteps / (64 * nt)))
     split = max(1, min(math.ceil(STREAM_CTAS_PER_SM * num_sms / row_ctas), nsteps // 4, by_traffic, 64))
+    return _pair_steps(cfg, nsteps, split, m, cap)
+
+
+def _pair_steps(cfg, nsteps: int, split: int, m: int, cap: int, T: int = 0) -> tuple[int, int]:
+    """(split count, k-steps per split) of the decode kernels for a wanted split: whole pairs of k-steps per
+    split, fewer per split (more splits) until the CTA's shared memory fits ``cap``."""
     steps = math.ceil(nsteps / split)
     steps += steps % 2
-    while steps > 2 and cfg.smem_bytes(m, 2, steps) > cap:
+    while steps > 2 and cfg.smem_bytes(m, 2, steps, T) > cap:
         steps -= 2
     return math.ceil(nsteps / steps), steps
 
@@ -280,11 +287,7 @@ def _ring_split(cfg, T: int, Rp: int, nsteps: int, m: int, num_sms: int, max_sme
     row_ctas = math.ceil(Rp / cfg.bm)
     # every k-split warp keeps at least one pair of k-steps
     split = max(1, min(round(RING_CTAS_PER_SM * num_sms / row_ctas), nsteps // (2 * cfg.warps_n), 64))
-    steps = math.ceil(nsteps / split)
-    steps += steps % 2
-    while steps > 2 and cfg.smem_bytes(m, 2, steps, T) > cap:
-        steps -= 2
-    return math.ceil(nsteps / steps), steps
+    return _pair_steps(cfg, nsteps, split, m, cap, T)
 
 
 _CHOICES: dict[tuple, tuple] = {}
@@ -313,7 +316,7 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
     B = _cfg.BY_NAME
     if name:
         order = [B[name]]
-    elif T <= 16:  # decode: the register weight stream (v4), the v2 decode tiles as fallback
+    elif T <= 16:  # decode: the v5 ring / v4 stream kernels, the v2 decode tiles as fallback
         order = _decode_order(T, Rp, v, m, Gp * m)
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
