@@ -386,6 +386,10 @@ class _FusedProjections:
         """False once a member's tensors no longer live in the fused storage (``.to()``, reassignment)."""
         return all(m is not None and self._pointers(m) == p for m, p in zip(self.members, self._views))
 
+    def _spmm_all(self, x: torch.Tensor) -> torch.Tensor:
+        """The one SpMM of the group: every member's rows (each member's output is a slice of it)."""
+        return spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m, self.rows)
+
     def output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
         if self._x is not x or self._x_version != x._version:
             # a new input: check once per input (not per member: this runs per layer at decode) that every
@@ -397,7 +401,7 @@ class _FusedProjections:
                     self._warned = True
                 self._x = self._y = None
                 return None
-            self._y = spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m, self.rows)
+            self._y = self._spmm_all(x)
             self._x, self._x_version, self._served = x, x._version, 0
         off = self.row_offsets[member._fused_index]
         y = self._y[..., off : off + member.out_features]
@@ -419,8 +423,7 @@ class _FusedProjections:
         if not self._intact_at_trace():
             return None
         if self._traced_x is not x:
-            self._traced_y = spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m,
-                                  self.rows)
+            self._traced_y = self._spmm_all(x)
             self._traced_x, self._traced_served = x, 0
         off = self.row_offsets[member._fused_index]
         y = self._traced_y[..., off : off + member.out_features]
