@@ -111,11 +111,7 @@ __device__ __forceinline__ unsigned compact_nibbles(unsigned w) {
 template <bool BF16, int SEL = 0>
 __device__ __forceinline__ void mma_sp_16832(float* d, const unsigned* a, const unsigned* b,
                                              unsigned e) {
-#if defined(VENOM_PLAIN_MMA_SP)
-#define VENOM_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32."
-#else
 #define VENOM_MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32."
-#endif
   if (BF16) {
     asm volatile(VENOM_MMA_SP "bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, "
                  "{%0,%1,%2,%3}, %12, %13;\n"
@@ -1106,13 +1102,9 @@ __device__ __forceinline__ void stream_pair_mma_sel(float (&acc)[RT][1][4], cons
 // the order of the B registers, so one k-step's B is one 16-byte shared load instead of 4 column-word reads
 // + 8 two-byte loads per k-step: per pair (one 16-row tile) 9 shared-memory/shuffle instructions (3 ring
 // loads, 4 metadata shuffles, 2 B loads) instead of 15 with v5.1's 32-bit B loads and 31 in the gather
-// form; the run-10 profile says these (MIO) are the limiter.
+// form; the v5 profile (ncu) says these (MIO) are the limiter.
 // =============================================================================================
-// TILED (experimental, session 5; never dispatched): p.values is the weight in STREAM order (ops.stream_tiles):
-// per (16-row tile, pair of k-steps) one contiguous TB-byte chunk laid out exactly like a ring slot, so each
-// lane's three copies of a pair read consecutive bytes of one chunk and a warp's pair is one 1280-byte run of
-// memory (the canonical layout spreads it over 16 rows x 64 + 16 x 8 bytes). p.meta is not read.
-template <bool BF16, int NT, int RT, int RW, int KS, int S, bool SEL = false, bool TILED = false>
+template <bool BF16, int NT, int RT, int RW, int KS, int S, bool SEL = false>
 __global__ void __launch_bounds__(RW * KS * 32)
     spatha_spmm_ring(const SpmmParams p) {
   constexpr int NTH = RW * KS * 32;
@@ -1181,18 +1173,10 @@ __global__ void __launch_bounds__(RW * KS * 32)
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
       unsigned char* d = my_ring + (st * RT + i) * TB;
-      if constexpr (TILED) {  // chunk (16-row tile, pair): the same bytes at the same offsets as the ring slot
-        const unsigned char* c =
-            vals8 + (((long long)(wrow >> 4) + i) * ((p.Gp + 15) >> 4) + (g_begin >> 4) + u) * TB;
-        cp_async_16_mem(d + lane * 16, vok ? c + lane * 16 : vals8, vok ? 16 : 0);
-        cp_async_16_mem(d + 512 + lane * 16, vok ? c + 512 + lane * 16 : vals8, vok ? 16 : 0);
-        cp_async_8_mem(d + 1024 + lane * 8, mok ? c + 1024 + lane * 8 : vals8, mok ? 8 : 0);
-      } else {
-        const unsigned char* vp = vals8 + vrow + i * vstep + (long long)gv * 4;
-        cp_async_16_mem(d + lane * 16, vok ? vp : vals8, vok ? 16 : 0);
-        cp_async_16_mem(d + 512 + lane * 16, vok ? vp + 8LL * p.Gp * 4 : vals8, vok ? 16 : 0);
-        cp_async_8_mem(d + 1024 + lane * 8, mok ? p.meta + mrow + i * 16LL * p.Gp + 16 * u : p.meta, mok ? 8 : 0);
-      }
+      const unsigned char* vp = vals8 + vrow + i * vstep + (long long)gv * 4;
+      cp_async_16_mem(d + lane * 16, vok ? vp : vals8, vok ? 16 : 0);
+      cp_async_16_mem(d + 512 + lane * 16, vok ? vp + 8LL * p.Gp * 4 : vals8, vok ? 16 : 0);
+      cp_async_8_mem(d + 1024 + lane * 8, mok ? p.meta + mrow + i * 16LL * p.Gp + 16 * u : p.meta, mok ? 8 : 0);
     }
   };
   const int np_w = ks < npairs ? (npairs - ks + KS - 1) / KS : 0;  // pairs of this warp

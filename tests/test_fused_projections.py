@@ -106,8 +106,8 @@ def test_torch_compile_of_a_fused_model_calls_one_spmm_per_group_in_one_graph():
 
 
 def test_torch_compile_after_to_traces_the_unfused_path():
-    """A group broken by ``.to()`` before compiling: the trace runs each member alone (as eager does), with
-    the members' own (moved) tensors, not the stale fused storage."""
+    """A group broken by ``.to()`` and compiled before any eager call: the trace runs each member alone, with
+    the members' own (moved) tensors, not the stale fused storage. The next eager call fuses them again."""
     graphs = []
     counting_backend = _spmm_counting_backend(graphs)
     model = _tiny_llama(torch.float32)
@@ -116,11 +116,14 @@ def test_torch_compile_after_to_traces_the_unfused_path():
     torch._dynamo.reset()
     ids = torch.randint(0, 128, (1, 3))
     with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=False).logits
         out = torch.compile(model, fullgraph=True, backend=counting_backend)(input_ids=ids, use_cache=False).logits
+        assert graphs == [7 * model.config.num_hidden_layers]
+        group = model.model.layers[0].self_attn.q_proj._fused_group
+        assert not group.intact()
+        ref = model(input_ids=ids, use_cache=False).logits  # eager: re-fused on the float64 tensors
+        assert group.intact() and group.values.dtype == torch.float64
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    assert graphs == [7 * model.config.num_hidden_layers]
     torch._dynamo.reset()
 
 
@@ -209,20 +212,34 @@ def test_inplace_change_or_other_input_is_not_served_from_the_fused_output():
     torch.testing.assert_close(v, mod.value(x0), rtol=1e-12, atol=1e-12)
 
 
-def test_moved_members_fall_back_to_unfused_with_a_warning(caplog):
+def test_moved_members_are_fused_again_at_the_next_call():
     torch.manual_seed(3)
     mod = _Siblings()
     x = torch.randn(4, 96, dtype=torch.float64)
     ref = [t.float() for t in mod(x)]
     fuse_projections(mod)
     mod.float()  # new tensors: the members no longer live in the fused storage
-    with caplog.at_level(logging.WARNING, logger="venom_hf"):
-        out = mod(x.float())
-    assert "running them unfused" in caplog.text
+    group = mod.query._fused_group
+    assert not group.intact()
+    out = mod(x.float())
+    assert group.intact() and group.values.dtype == torch.float32  # one float32 storage again
+    assert mod.query.weight_values.untyped_storage().data_ptr() == group.values.untyped_storage().data_ptr()
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
-    assert fuse_projections(mod) == 1  # re-fusing after .to() picks the new tensors up
-    for o, r in zip(mod(x.float()), ref):
+    assert fuse_projections(mod) == 0  # already fused
+
+
+def test_members_that_cannot_share_a_storage_run_unfused_with_a_warning(caplog):
+    torch.manual_seed(3)
+    mod = _Siblings()
+    x = torch.randn(4, 96, dtype=torch.float64)
+    ref = mod(x)
+    fuse_projections(mod)
+    mod.key.float()  # one member in another dtype: no common storage
+    with caplog.at_level(logging.WARNING, logger="venom_hf"):
+        q, k, v = mod.query(x), mod.key(x.float()), mod.value(x)
+    assert "running them unfused" in caplog.text
+    for o, r in zip((q, k.double(), v), ref):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
 
 

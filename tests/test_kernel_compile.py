@@ -145,32 +145,3 @@ def test_is_available_false_without_cuda():
     from venom_hf.kernels import is_available
 
     assert not is_available()
-
-
-def test_stream_tiles_hold_what_each_lane_copies():
-    """ops.stream_tiles (the experimental TILED ring config's weight order) against the canonical-layout
-    addresses of the ring kernel's copies (csrc/spatha.cuh, issue_pair): every (tile, pair, lane) chunk byte."""
-    gen = torch.Generator().manual_seed(0)
-    Rp, Gp = 48, 40  # Gp % 16 != 0: the last pair is half padding
-    values = torch.randint(0, 256, (Rp, Gp, 4), dtype=torch.uint8, generator=gen).view(torch.float16)
-    meta = torch.randint(0, 256, (Rp, Gp), dtype=torch.uint8, generator=gen)
-    tiles = ops.stream_tiles(values, meta)
-    npairs = (Gp + 15) // 16
-    assert tiles.shape == (Rp // 16, npairs, ops.STREAM_TILE_BYTES) and tiles.dtype == torch.uint8
-    vb = values.view(torch.uint8).reshape(Rp, Gp * 4)
-    for t in range(Rp // 16):
-        for u in range(npairs):
-            chunk = tiles[t, u]
-            for lane in range(32):
-                g, tig = lane >> 2, lane & 3
-                h, pp = tig >> 1, tig & 1
-                for half in range(2):  # v0: row g, v1: row g + 8; groups 16u + 4 tig .. + 3
-                    row, g0 = 16 * t + g + 8 * half, 16 * u + 4 * tig
-                    want = vb[row, g0 * 4:(g0 + 4) * 4] if g0 < Gp else torch.zeros(16, dtype=torch.uint8)
-                    got = chunk[512 * half + 16 * lane:512 * half + 16 * lane + 16]
-                    assert torch.equal(got, want), (t, u, lane, half)
-                row, g0 = 16 * t + g + 8 * h, 16 * u + 8 * pp  # metadata: 8 groups of one row
-                want = meta[row, g0:g0 + 8] if g0 < Gp else torch.zeros(8, dtype=torch.uint8)
-                assert torch.equal(chunk[1024 + 8 * lane:1024 + 8 * lane + 8], want), (t, u, lane, "meta")
-    with pytest.raises(ValueError, match="multiple of 16 rows"):
-        ops.stream_tiles(values[:40], meta[:40])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 
 import torch
@@ -32,6 +33,7 @@ from .format import (
     validate_tensors,
 )
 from .kernels import spmm  # venom::spmm: the Spatha kernel on CUDA, the reference elsewhere
+from .kernels import ops as _ops
 
 __all__ = ["VNMMaskedLinear", "VNMSparseLinear", "fuse_projections", "unfuse_projections", "pack_mask_bits",
            "unpack_mask_bits"]
@@ -58,6 +60,84 @@ def unpack_mask_bits(bits: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def _is_meta(t: torch.Tensor | None) -> bool:
     return t is not None and t.device.type == "meta"
+
+
+# -- input checks and the eager launch fast path ---------------------------------------------------
+def _check_layer_input(x, weight: torch.Tensor, in_features: int, layer: str) -> None:
+    """nn.Linear's input checks with errors that name the layer (kernels.ops.check_input); under autocast
+    the dtype is autocast's business, as for nn.Linear."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != weight.dtype \
+            and torch.is_autocast_enabled(x.device.type):
+        _ops.check_input(x, x, in_features, layer)  # width and device only
+        if x.device != weight.device:
+            raise ValueError(f"{layer}: the input is on {x.device}, the weight on {weight.device}")
+        return
+    _ops.check_input(x, weight, in_features, layer)
+
+
+def _dispatch_modes_active() -> bool:
+    f = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return f is not None and f() > 0
+
+
+# Eager decode issues hundreds of small SpMMs per token, so the host time of one call is what an eager
+# `generate()` sees. A plan cache per weight (layer or fused group) keyed by the input's shape and dtype
+# holds the kernel's launch plan (config, grid, argument structs with the weight pointers); a hit costs a
+# few dictionary and pointer checks, one output allocation and one ctypes launch, with none of the custom
+# op's dispatch. Anything unusual (tracing, autograd, tensor subclasses, dispatch modes, misaligned or
+# strided inputs, moved weights) takes the op, which gives the same result.
+_MAX_PLANS = 16
+
+
+def _plan_key(x: torch.Tensor):
+    return (x.shape, x.dtype)
+
+
+def _fast_spmm(plans: dict, x: torch.Tensor, values, columns, meta, bias):
+    """The output through a cached launch plan, or None when the call must take the op."""
+    entry = plans.get((x.shape, x.dtype))
+    if entry is None:
+        return None
+    plan, ptrs, out_shape = entry
+    idx = plan.idx
+    if (x.get_device() != idx or type(x) is not torch.Tensor or x.requires_grad or not x.is_contiguous()
+            or x.data_ptr() % 16 or torch.cuda.current_device() != idx or _dispatch_modes_active()):
+        return None
+    if (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr()) != ptrs:
+        return None
+    return plan.run(x.data_ptr(), torch._C._cuda_getCurrentRawStream(idx), out_shape)
+
+
+def _remember_plan(plans: dict, x: torch.Tensor, values, columns, meta, bias, v: int, m: int, R: int) -> None:
+    """Make and cache the launch plan of this call when the fast path can serve its like."""
+    if type(x) is not torch.Tensor or not x.is_cuda or not x.is_contiguous() or x.data_ptr() % 16 or x.numel() == 0:
+        return
+    K = x.shape[-1]
+    T = x.numel() // K
+    if T > 1 and K % 8:
+        return
+    if bias is not None and bias.dtype != x.dtype:
+        return
+    tensors = (values, columns, meta) + (() if bias is None else (bias,))
+    if any(not t.is_contiguous() or t.data_ptr() % 16 for t in tensors):
+        return
+    if not _ops._cuda_supported(x, values, columns, meta, bias, v, m, R):
+        return
+    idx = x.get_device()
+    if torch.cuda.current_device() != idx:
+        return
+    plan = _ops.make_plan(T, K, K if T > 1 else (K + 7) // 8 * 8, x.dtype, idx, values, columns, meta, bias, v, m, R,
+                          os.environ.get("VENOM_HF_SPMM_CONFIG") or None)
+    if plan is None:
+        return
+    if len(plans) >= _MAX_PLANS:  # e.g. many prompt lengths: start over rather than grow
+        plans.clear()
+    ptrs = (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr())
+    plans[(x.shape, x.dtype)] = (plan, ptrs, (*x.shape[:-1], R))
+
+
+def _eager_fast_path_allowed(x) -> bool:
+    return not torch.compiler.is_compiling() and type(x) is torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------- masked
@@ -156,6 +236,7 @@ class VNMMaskedLinear(nn.Linear):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_layer_input(x, self.weight, self.in_features, self._name_for_errors())
         self._ensure_mask()
         mask = unpack_mask_bits(self.mask_bits, self.in_features)
         if mask.device != self.weight.device:
@@ -249,12 +330,43 @@ class VNMSparseLinear(nn.Module):
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
         group = getattr(self, "_fused_group", None)  # getattr: layers pickled before fusion existed
+        params = self._parameters
+        values, columns, meta, bias = params["weight_values"], params["weight_columns"], params["weight_meta"], \
+            params.get("bias")
+        fast = _eager_fast_path_allowed(x)
+        if fast and group is None:
+            y = _fast_spmm(self._plans, x, values, columns, meta, bias)
+            if y is not None:
+                return y
+        _check_layer_input(x, values, self.in_features, self._name_for_errors())
+        if x.dtype != values.dtype:  # autocast: the kernel runs in the weight's dtype
+            x = x.to(values.dtype)
         if group is not None:
             y = group.traced_output_for(self, x) if torch.compiler.is_compiling() else group.output_for(self, x)
             if y is not None:
                 return y
-        return spmm(x, self.weight_values, self.weight_columns, self.weight_meta, self.bias,
-                    self._spec.v, self._spec.m, self.out_features)
+        if fast:
+            _remember_plan(self._plans, x, values, columns, meta, bias, self._spec.v, self._spec.m,
+                           self.out_features)
+        return spmm(x, values, columns, meta, bias, self._spec.v, self._spec.m, self.out_features)
+
+    def _name_for_errors(self) -> str:
+        name = getattr(self, "_vnm_name", None)
+        return f"VNMSparseLinear({name})" if name else \
+            f"VNMSparseLinear(in_features={self.in_features}, out_features={self.out_features})"
+
+    @property
+    def _plans(self) -> dict:
+        plans = self.__dict__.get("_plan_cache")
+        if plans is None:  # layers made before plans existed (pickles), and deep copies (see __deepcopy__)
+            plans = self.__dict__["_plan_cache"] = {}
+        return plans
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_plan_cache", None)  # launch plans hold device pointers: never copied or pickled
+        return state
 
     def extra_repr(self) -> str:
         group = getattr(self, "_fused_group", None)
@@ -330,33 +442,43 @@ class _FusedProjections:
     The members' parameters become views into these tensors (no second copy). The first member called
     with an input runs one SpMM for all of them and the others get their slice of that output, as long
     as they are called with the *same* tensor (identity and version counter); anything else - another
-    input, an in-place change, a member whose parameters were replaced by ``.to()`` - takes the member's
-    own, unfused path, so the result is always that of the member alone.
+    input, an in-place change - takes the member's own, unfused path, so the result is always that of the
+    member alone. After ``model.to(...)`` (the members' tensors no longer live in the fused storage) the
+    group concatenates them again at the next eager call; members that cannot be fused any more (spread
+    over devices, offloaded) run unfused.
     """
 
     def __init__(self, members: list[VNMSparseLinear], names: tuple[str, ...]):
-        m0 = members[0]
         self.names = names
-        self.spec = m0.spec
         # weak: members point to the group, and a cycle would keep a deleted model's weights until gc
         self._members = [weakref.ref(m) for m in members]
+        self._build(members)
+        self._x = self._y = None
+        self._traced_x = self._traced_y = None
+        self._traced_served = 0
+        self._x_version = -1
+        self._served = 0
+        self._warned = False
+
+    @torch.no_grad()
+    def _build(self, members: list[VNMSparseLinear]) -> None:
+        m0 = members[0]
+        self.spec = m0.spec
         rows = [m.weight_values.shape[0] for m in members]  # Rp of each member: whole V-row blocks
         self.row_offsets = [sum(rows[:i]) for i in range(len(rows))]
         self.rows = sum(rows)
-        with torch.no_grad():
-            self.values = torch.cat([m.weight_values for m in members])
-            self.columns = torch.cat([m.weight_columns for m in members])
-            self.meta = torch.cat([m.weight_meta for m in members])
-            self.bias = None
-            if any(m.bias is not None for m in members):
-                parts = []
-                for m, r in zip(members, rows):
-                    b = m.bias.detach().to(self.values.dtype) if m.bias is not None else None
-                    part = self.values.new_zeros(r)
-                    if b is not None:
-                        part[: m.out_features] = b
-                    parts.append(part)
-                self.bias = torch.cat(parts)
+        self.values = torch.cat([m.weight_values for m in members])
+        self.columns = torch.cat([m.weight_columns for m in members])
+        self.meta = torch.cat([m.weight_meta for m in members])
+        self.bias = None
+        if any(m.bias is not None for m in members):
+            parts = []
+            for m, r in zip(members, rows):
+                part = self.values.new_zeros(r)
+                if m.bias is not None:
+                    part[: m.out_features] = m.bias.detach().to(self.values.dtype)
+                parts.append(part)
+            self.bias = torch.cat(parts)
         v = self.spec.v
         for i, (m, off, r) in enumerate(zip(members, self.row_offsets, rows)):
             m.weight_values = nn.Parameter(self.values[off : off + r], requires_grad=False)
@@ -366,38 +488,54 @@ class _FusedProjections:
                 m.bias = nn.Parameter(self.bias[off : off + m.out_features], requires_grad=m.bias.requires_grad)
             m._fused_group, m._fused_index = self, i
         self._views = [self._pointers(m) for m in members]
-        self._x = self._y = None
-        self._traced_x = self._traced_y = None
-        self._traced_served = 0
-        self._x_version = -1
-        self._served = 0
-        self._warned = False
+        self._plans: dict = {}
 
     @property
     def members(self) -> list[VNMSparseLinear]:
         return [r() for r in self._members]
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_plans"] = {}  # launch plans hold device pointers and a lock: never copied or pickled
+        return state
+
     @staticmethod
     def _pointers(m: VNMSparseLinear) -> tuple:
-        return (m.weight_values.data_ptr(), m.weight_columns.data_ptr(), m.weight_meta.data_ptr(),
-                None if m.bias is None else m.bias.data_ptr())
+        p = m._parameters
+        b = p.get("bias")
+        return (p["weight_values"].data_ptr(), p["weight_columns"].data_ptr(), p["weight_meta"].data_ptr(),
+                None if b is None else b.data_ptr())
 
     def intact(self) -> bool:
         """False once a member's tensors no longer live in the fused storage (``.to()``, reassignment)."""
         return all(m is not None and self._pointers(m) == p for m, p in zip(self.members, self._views))
 
+    def _rebuild(self) -> bool:
+        """Concatenate the members' current tensors again (after ``.to()``); False when they cannot be."""
+        members = self.members
+        if any(m is None or m._fused_group is not self for m in members) or not _fusable(members):
+            return False
+        self._build(members)
+        return True
+
     def _spmm_all(self, x: torch.Tensor) -> torch.Tensor:
         """The one SpMM of the group: every member's rows (each member's output is a slice of it)."""
+        if _eager_fast_path_allowed(x):
+            y = _fast_spmm(self._plans, x, self.values, self.columns, self.meta, self.bias)
+            if y is not None:
+                return y
+            _remember_plan(self._plans, x, self.values, self.columns, self.meta, self.bias, self.spec.v,
+                           self.spec.m, self.rows)
         return spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m, self.rows)
 
     def output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
         if self._x is not x or self._x_version != x._version:
             # a new input: check once per input (not per member: this runs per layer at decode) that every
             # member still lives in the fused storage, then run the one SpMM
-            if not self.intact():
+            if not self.intact() and not self._rebuild():
                 if not self._warned:
-                    logger.warning("venom_hf: fused projections %s were moved or replaced; running them unfused "
-                                   "(call venom_hf.fuse_projections(model) again after .to())", self.names)
+                    logger.warning("venom_hf: fused projections %s can no longer share one storage (moved to "
+                                   "different devices or offloaded); running them unfused", self.names)
                     self._warned = True
                 self._x = self._y = None
                 return None
@@ -419,7 +557,7 @@ class _FusedProjections:
         calls, so the trace itself must call the SpMM once per input. Within one traced graph the same
         input is the same traced value, so identity is the whole check (the version counter and pointers
         of the eager path do not exist there). Whether the members still live in the fused storage is
-        decided once, when the graph is traced (after ``.to()``: unfused, as in eager)."""
+        decided once, when the graph is traced (moved and not yet re-fused by an eager call: unfused)."""
         if not self._intact_at_trace():
             return None
         if self._traced_x is not x:
@@ -441,6 +579,19 @@ class _FusedProjections:
                 _detach_from_group(m)
         self._members = []
         self._x = self._y = None
+        self._plans = {}
+
+
+def _fusable(members: list[VNMSparseLinear]) -> bool:
+    """Same spec, width, dtype and device, resident (offloaded layers - meta, or an accelerate hook that swaps
+    the weights in per forward - keep their own tensors: a fused copy would pin them on the device)."""
+    m0 = members[0]
+    if any(_is_meta(m.weight_values) or getattr(getattr(m, "_hf_hook", None), "offload", False) for m in members):
+        return False
+    return all(m.spec == m0.spec and m.in_features == m0.in_features
+               and m.weight_values.dtype == m0.weight_values.dtype
+               and m.weight_values.device == m0.weight_values.device
+               and m.weight_values.shape[1] == m0.weight_values.shape[1] for m in members)
 
 
 def _detach_from_group(m: VNMSparseLinear) -> None:
@@ -473,7 +624,8 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUS
     is left alone). Memory does not grow: the members' parameters become views of the concatenation.
     The forward results are the same as unfused (each member's rows of one larger SpMM); state dicts
     and ``save_pretrained`` write the members' own tensors as before. Under ``torch.compile`` the trace
-    holds one SpMM per group too. After ``model.to(...)`` call this again. Returns the number of groups fused.
+    holds one SpMM per group too. Loading a packed checkpoint and ``venom_hf.compress`` call this already;
+    after ``model.to(...)`` a group re-fuses itself at its next eager call. Returns the number of groups fused.
     """
     fused = 0
     for parent in model.modules():
@@ -493,17 +645,7 @@ def fuse_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUS
                         g.release()  # this model's own stale group: all its members get their tensors back
                     else:
                         _detach_from_group(m)  # a deep copy's reference to the original model's group
-            m0 = members[0]
-            # offloaded layers (meta, or an accelerate hook that swaps the weights in per forward) keep
-            # their own tensors: a fused copy would pin them on the device
-            if any(_is_meta(m.weight_values) or getattr(getattr(m, "_hf_hook", None), "offload", False)
-                   for m in members):
-                continue
-            same = all(m.spec == m0.spec and m.in_features == m0.in_features
-                       and m.weight_values.dtype == m0.weight_values.dtype
-                       and m.weight_values.device == m0.weight_values.device
-                       and m.weight_values.shape[1] == m0.weight_values.shape[1] for m in members)
-            if not same:
+            if not _fusable(members):
                 continue
             _FusedProjections(members, names)
             for m in members:

@@ -29,7 +29,6 @@ class TileConfig:
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
     sel: bool = False  # ring configs: x pre-gathered per V-block (v5.1, one 8-token tile)
-    tiled: bool = False  # ring configs: weight in stream order (ops.stream_tiles; experimental, never dispatched)
 
     @property
     def bm(self) -> int:
@@ -82,8 +81,6 @@ class TileConfig:
         b = "true" if bf16 else "false"
         if self.kernel == "ring":  # spatha_spmm_ring<BF16, NT, RT, RW, KS, S[, SEL]>
             sel = ", true" if self.sel else ""
-            if self.tiled:  # spatha_spmm_ring<..., SEL, TILED>
-                sel = f", {'true' if self.sel else 'false'}, true"
             return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
                     f"{self.stages}{sel}>")
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
@@ -92,45 +89,35 @@ class TileConfig:
         return f"venom::{fn}<{b}, {self.wm}, {self.wn}, {self.warps_m}, {self.warps_n}, {self.stages}, {kw}>"
 
 
-# Shape classes: decode (<= 16 tokens), small (<= 64), prefill. Variants for V = 16 / 32.
+# The instances the dispatch of ops.py picks (docs/perf-notes.md has the measurements behind each).
 CONFIGS: tuple[TileConfig, ...] = (
+    # v2 (x read as is): decode fallbacks and 17-64 tokens
     TileConfig("decode16", 16, 16, 4, 1, 4),
-    TileConfig("decode64", 64, 16, 2, 1, 4),
     TileConfig("decode16x8", 16, 16, 8, 1, 3),
-    TileConfig("small32", 32, 32, 4, 1, 3),
     TileConfig("large64", 64, 32, 2, 4, 2),
-    TileConfig("large64s3", 64, 32, 2, 4, 3),
     TileConfig("huge64", 64, 32, 4, 2, 3),
     TileConfig("large32", 32, 64, 4, 2, 2),
     TileConfig("large16", 16, 64, 4, 2, 2),
     # v3 prefill (x^T gather): name = kt<BM>x<BN>[k<KW>]
-    TileConfig("kt64x128", 64, 32, 1, 4, 4, "kt", 1),
     TileConfig("kt64x128k2", 64, 32, 1, 4, 3, "kt", 2),
     TileConfig("kt64x256", 64, 64, 1, 4, 3, "kt", 1),
-    TileConfig("kt64x64", 64, 16, 1, 4, 4, "kt", 1),
     TileConfig("kt128x128", 64, 64, 2, 2, 4, "kt", 1),
     TileConfig("kt32x128", 32, 32, 1, 4, 4, "kt", 1),
     # v4 decode (register weight stream, one launch incl. split-K): stream_n<NT>r<RT>; WR = 8 warps,
     # UP = 2 pairs in flight per buffer; kw_fixed = 2: splits hold whole pairs of k-steps
     TileConfig("stream_n1r2", 32, 8, 8, 1, 2, "stream", 2),
-    TileConfig("stream_n2r2", 32, 16, 8, 1, 2, "stream", 2),
     TileConfig("stream_n1r1", 16, 8, 8, 1, 2, "stream", 2),
     TileConfig("stream_n2r1", 16, 16, 8, 1, 2, "stream", 2),
     # v5 decode (per-warp cp.async weight ring, K split among the CTA's warps): ring_n<NT>r<RT>[k<KS>|w<RW>];
-    # warps_m = RW row warps, warps_n = KS k-split warps, stages = S ring stages. Kept from the run-10
-    # sweeps (docs/perf-notes.md v5): 2 x 4 warps (1-2 tokens), 1 x 8 (small layers), 8 x 1 (9-16 tokens:
-    # more rows per CTA, so less x staged per weight byte)
+    # warps_m = RW row warps, warps_n = KS k-split warps, stages = S ring stages: 2 x 4 warps (1-2 tokens),
+    # 1 x 8 (small layers), 8 x 1 (9-16 tokens: more rows per CTA, so less x staged per weight byte)
     TileConfig("ring_n1r1", 16, 8, 2, 4, 4, "ring", 2),
     TileConfig("ring_n1r1k8", 16, 8, 1, 8, 4, "ring", 2),
     TileConfig("ring_n2r1", 16, 16, 2, 4, 4, "ring", 2),
     TileConfig("ring_n2r2w8", 32, 16, 8, 1, 3, "ring", 2),
-    # v5.1 / v5.2 (session 5): the ring with x pre-gathered per V-block in B-register order (one 16-byte
-    # shared load per k-step); ring_n1r1sel is dispatched at 1 token on tall layers with K <= 4096
+    # v5.2: the ring with x pre-gathered per V-block in B-register order (one 16-byte shared load per
+    # k-step), at 1 token on tall layers with K <= 4096
     TileConfig("ring_n1r1sel", 16, 8, 2, 4, 4, "ring", 2, sel=True),
-    TileConfig("ring_n1r1k8sel", 16, 8, 1, 8, 4, "ring", 2, sel=True),
-    # experimental (session 5): ring_n1r1sel reading the weight in stream order (ops.stream_tiles); only run
-    # when a caller passes the tiles explicitly (tests, benchmarks/spmm.py --sweep)
-    TileConfig("ring_n1r1selt", 16, 8, 2, 4, 4, "ring", 2, sel=True, tiled=True),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 

@@ -6,8 +6,11 @@ in-memory cache of the CUBINs, and kernel launch with ``cuLaunchKernel``.
 * Disk cache: ``$VENOM_HF_CACHE`` or ``$XDG_CACHE_HOME/venom_hf`` (default ``~/.cache/venom_hf``); key =
   sha256(source + headers + options + arch + NVRTC version + requested instances).
 * The NVRTC log is shown in the exception on a compile error.
-* Launch: on the given stream handle (the caller passes ``torch.cuda.current_stream().cuda_stream``);
-  nothing here synchronizes or allocates, so launches can be captured in CUDA graphs.
+* Launch: on the given stream handle (the caller passes torch's current raw stream); nothing here
+  synchronizes or allocates, so launches can be captured in CUDA graphs. ``Kernel.launch`` calls the
+  driver's ``cuLaunchKernel`` through ctypes with a prebuilt argument array: a launch costs ~1-2 us of
+  host time there, against ~10 us through cuda-python's argument marshalling (decode runs hundreds of
+  launches per token, so this is a visible share of an eager decode step).
 
 Nothing in this module imports torch.
 """
@@ -203,18 +206,104 @@ def _check_cu(driver, res, what):
     return None
 
 
+class Kernel:
+    """One function of a loaded module, launched with a single by-value struct argument (all our kernels
+    take one params struct). ``launch(grid, block, smem, stream, args)``: ``args`` is the address of a
+    ``void*[1]`` array holding the struct's address (``kernel_args(struct)``); the driver copies the
+    struct at the call, so the caller may change and reuse it right after."""
+
+    __slots__ = ("expr", "function", "handle", "_driver", "_smem", "_max_smem")
+
+    def __init__(self, expr: str, function, driver, max_smem: int):
+        self.expr, self.function, self._driver = expr, function, driver
+        self.handle = int(function)  # the raw CUfunction, for the ctypes launch
+        self._smem = 48 * 1024
+        self._max_smem = max_smem
+
+    def reserve_smem(self, smem: int) -> None:
+        """Allow ``smem`` bytes of dynamic shared memory (> 48 KB needs an opt-in per function)."""
+        if smem <= self._smem:
+            return
+        if smem > self._max_smem:
+            raise RuntimeError(f"kernel {self.expr} needs {smem} B of shared memory, the device allows {self._max_smem}")
+        driver = self._driver
+        _check_cu(driver, driver.cuFuncSetAttribute(
+            self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+            "cuFuncSetAttribute(max dynamic smem)")
+        self._smem = smem
+
+    def launch(self, grid, block, smem: int, stream: int, args: int) -> None:
+        if smem > self._smem:
+            self.reserve_smem(smem)
+        raw = _raw_launch()
+        if raw is not None:
+            err = raw(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, stream, args, None)
+            if err:
+                driver = self._driver
+                _check_cu(driver, (driver.CUresult(err),), f"cuLaunchKernel({self.expr})")
+            return
+        driver = self._driver
+        _check_cu(driver, driver.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                                smem, driver.CUstream(stream), args, 0), f"cuLaunchKernel({self.expr})")
+
+
+def kernel_args(param_struct) -> tuple[int, object]:
+    """(address of a void*[1] holding ``param_struct``'s address, the array to keep alive)."""
+    arr = (ctypes.c_void_p * 1)(ctypes.addressof(param_struct))
+    return ctypes.addressof(arr), arr
+
+
+_RAW_LAUNCH: list = []
+
+
+def _raw_launch():
+    """libcuda's cuLaunchKernel through ctypes (None where libcuda cannot be opened by name: then the
+    cuda-python binding is used)."""
+    if not _RAW_LAUNCH:
+        fn = None
+        for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+            try:
+                fn = getattr(ctypes.CDLL(name), "cuLaunchKernel")
+                break
+            except (OSError, AttributeError):
+                continue
+        if fn is not None:
+            fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+        _RAW_LAUNCH.append(fn)
+    return _RAW_LAUNCH[0]
+
+
+def _ensure_context(driver, device_index: int):
+    _check_cu(driver, driver.cuInit(0), "cuInit")
+    ctx = _check_cu(driver, driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if ctx is None or int(ctx) == 0:
+        dev = _check_cu(driver, driver.cuDeviceGet(device_index), "cuDeviceGet")
+        ctx = _check_cu(driver, driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        _check_cu(driver, driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+def alloc_zeroed_words(n: int, stream: int, device_index: int) -> int:
+    """Device memory of ``n`` 32-bit words, zeroed in order on ``stream``, straight from the driver
+    (never freed). For state that outlives any one call, such as the split-K arrival counters: memory
+    from torch's caching allocator taken while a CUDA graph is captured (or while torch.compile's
+    cudagraph trees warm up) belongs to the graph's pool, which refuses tensors that live on after the
+    graph; driver memory is outside every pool. The memset is stream-ordered, so under capture it
+    becomes a graph node (zeroing already-zero counters on replay, which is harmless)."""
+    _, driver = _import_cuda()
+    _ensure_context(driver, device_index)
+    ptr = _check_cu(driver, driver.cuMemAlloc(4 * n), "cuMemAlloc")
+    _check_cu(driver, driver.cuMemsetD32Async(ptr, 0, n, driver.CUstream(stream)), "cuMemsetD32Async")
+    return int(ptr)
+
+
 class Module:
-    """A loaded CUBIN on one device: functions by name expression."""
+    """A loaded CUBIN on one device: ``kernel(expr)`` gives a launchable ``Kernel``."""
 
     def __init__(self, cubin: bytes, lowered: dict[str, str], device_index: int):
         _, driver = _import_cuda()
         self._driver = driver
-        _check_cu(driver, driver.cuInit(0), "cuInit")
-        ctx = _check_cu(driver, driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if ctx is None or int(ctx) == 0:
-            dev = _check_cu(driver, driver.cuDeviceGet(device_index), "cuDeviceGet")
-            ctx = _check_cu(driver, driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-            _check_cu(driver, driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        _ensure_context(driver, device_index)
         self._cubin = cubin  # keep alive
         self.module = _check_cu(driver, driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         dev = _check_cu(driver, driver.cuDeviceGet(device_index), "cuDeviceGet")
@@ -227,35 +316,19 @@ class Module:
                 "cuDeviceGetAttribute",
             )
         )
-        self.functions = {}
+        self.kernels: dict[str, Kernel] = {}
         for expr, name in lowered.items():
             f = _check_cu(driver, driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({expr})")
-            self.functions[expr] = f
-        self._smem_set: dict[str, int] = {}
+            self.kernels[expr] = Kernel(expr, f, driver, self.max_smem)
+
+    def kernel(self, expr: str) -> Kernel:
+        return self.kernels[expr]
 
     def launch(self, expr: str, grid, block, smem: int, stream: int, param_struct) -> None:
-        driver = self._driver
-        f = self.functions[expr]
-        if smem > 48 * 1024 and self._smem_set.get(expr, 0) < smem:
-            if smem > self.max_smem:
-                raise RuntimeError(f"kernel {expr} needs {smem} B of shared memory, the device allows {self.max_smem}")
-            _check_cu(
-                driver,
-                driver.cuFuncSetAttribute(
-                    f, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem
-                ),
-                "cuFuncSetAttribute(max dynamic smem)",
-            )
-            self._smem_set[expr] = smem
-        args = (ctypes.c_void_p * 1)(ctypes.addressof(param_struct))
-        _check_cu(
-            driver,
-            driver.cuLaunchKernel(
-                f, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, driver.CUstream(stream),
-                ctypes.addressof(args), 0,
-            ),
-            f"cuLaunchKernel({expr})",
-        )
+        """One launch with a params struct (tests and one-off calls; the SpMM plans use ``Kernel``)."""
+        args, keep = kernel_args(param_struct)
+        self.kernels[expr].launch(grid, block, smem, stream, args)
+        del keep
 
 
 _MODULES: dict[tuple, Module] = {}

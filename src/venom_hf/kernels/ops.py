@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -154,13 +155,13 @@ def _on_device(idx: int):
 
 
 # Prefill (T > 16): from KT_MIN_TOKENS tokens the v3 kt kernel (x^T gather) first, by V; below that, and
-# where no kt config fits (V = 16), the v2 configs. Chosen from the H100 sweep of run 6
-# (benchmarks/spmm.py --sweep, docs/perf-notes.md): kt64x128k2 beat kt64x128 by 0-12 % in 9 of 11
+# where no kt config fits (V = 16), the v2 configs. Chosen from the H100 sweep of the v3
+# kernel (docs/perf-notes.md): kt64x128k2 beat kt64x128 by 0-12 % in 9 of 11
 # cases (8 % slower on 768x768 / 128 tok), kt128x128 beat the 64-row tiles at V = 128 (200 vs 220 us),
 # v2 huge64 beat every kt config at 64 tokens (11008x4096: 44.7 vs 67.3 us), kt won from 128 tokens.
 KT_MIN_TOKENS = 65
 _PREFILL_KT = {128: ["kt128x128", "kt64x128k2"], 64: ["kt64x128k2"], 32: ["kt32x128"]}
-# v3.2 sweep (run 8): BN = 256 tokens wins from 2048 tokens on big layers (4096x4096 64:2:8 152 vs 175 us,
+# v3.2 sweep (H100): BN = 256 tokens wins from 2048 tokens on big layers (4096x4096 64:2:8 152 vs 175 us,
 # 64:2:16 90 vs 101, 8192 tok 578 vs 623) and loses below 2048 tokens or on small layers.
 KT_WIDE_MIN_TOKENS = 2048
 KT_WIDE_MIN_WEIGHTS = 4096 * 4096
@@ -168,7 +169,7 @@ _PREFILL_V2 = ["huge64", "large64", "large32", "large16"]
 
 
 # kt128x128 (V % 128 == 0) only from KT_WIDE_MIN_TOKENS tokens and with at least this many CTAs per SM: the
-# run-15 cold fp16 table (docs/results/spmm_v52_cold_fp16_h100.json, perf-notes session 5) has it 3-19 %
+# H100 cold-weight fp16 table of v5.2 (docs/perf-notes.md) has it 3-19 %
 # faster than kt64x128k2 / kt64x256 on Llama-7B shapes at >= 2048 tokens, but up to 2.2x slower below 2048
 # tokens (Llama-7B qkvo 512 tok: 67.6 vs 46.3 us)
 # and on small layers whose 128-row tiles leave the GPU short of CTAs (BERT qkvo 2048 tok: 29.7 vs 14.1 us).
@@ -203,25 +204,25 @@ def _split(cfg, kw: int, T: int, Rp: int, nsteps: int, num_sms: int) -> tuple[in
 # Decode (T <= 16): the v4 stream kernel. Its K split is the only tuning knob: enough CTAs to keep
 # loads in flight on every SM, but few enough that the fp32 partials (written and read once per split,
 # 8*NT tokens per row) stay small next to the weight bytes (5 B per row and column group).
-STREAM_CTAS_PER_SM = 1.0  # H100 sweep (run 8): 1.0 best or equal to 2 and 4 for every decode case
+STREAM_CTAS_PER_SM = 1.0  # H100 sweep: 1.0 best or equal to 2 and 4 for every decode case
 STREAM_SMEM_CAP = 100 * 1024  # two CTAs per SM
 STREAM_PARTIAL_SHARE = 0.25   # partial-sum bytes <= this share of the weight bytes
 
 
-# "Small" layers at decode (run-10 sweep): below these padded row counts the ring kernel's 16-row CTAs
+# "Small" layers at decode (H100 v5 sweep): below these padded row counts the ring kernel's 16-row CTAs
 # (1 x 8 warps splitting K) fill the GPU best at <= 8 tokens, and 32-row ones at 9-16 tokens.
 RING_SMALL_ROWS = 2048
 RING_SMALL_ROWS_16 = 4096
 
 
 # 1 token on a tall layer with K <= this: the ring kernel with x pre-gathered per V-block (v5.1/v5.2,
-# ring_n1r1sel). Cold-weight sweeps of runs 11 and 13 (docs/perf-notes.md, session 5): 4-10 % faster than
+# ring_n1r1sel). H100 cold-weight sweeps of v5.1/v5.2 (docs/perf-notes.md): 4-10 % faster than
 # ring_n1r1 at K = 4096 (4096 to 22016 rows), 7 % slower at K = 11008 (its pre-gathered x grows with K).
 RING_SEL_MAX_K = 4096
 
 
 def _decode_order(T: int, Rp: int, v: int, m: int, K: int = 0) -> list:
-    """Decode tile configs, best first (H100, runs 10-11, docs/perf-notes.md v5/v5.1). The v5 ring kernel for 1-2
+    """Decode tile configs, best first (H100 sweeps, docs/perf-notes.md v5/v5.1). The v5 ring kernel for 1-2
     tokens (32-row CTAs of 2 row warps x 4 k-split warps; at 1 token and K <= RING_SEL_MAX_K its variant with
     x pre-gathered per V-block), for small layers at any decode size, and for
     9-16 tokens on tall layers (128-row CTAs: x staged once per 128 rows instead of per 32). The v4 stream
@@ -350,18 +351,13 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
     return None, 1, 1, 0
 
 
-def _launch_transpose(mod, expr: str, x2: torch.Tensor, ldx: int, stream: int, kp: int = 0,
-                      align: int = 8) -> torch.Tensor:
-    """x2 (T, K) with row stride ldx -> x^T (max(K, kp), roundup(T, align)), padding rows/tokens zero
-    (spatha_transpose). The kt kernel asks for kp = Gp*M rows and align = its token tile, so that its
-    gathers never leave the buffer and need no bounds checks."""
-    T, K = x2.shape
+def _transpose_plan(T: int, K: int, kp: int, align: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """(x^T shape, grid) of spatha_transpose: x2 (T, K) -> x^T (max(K, kp), roundup(T, align)), padding
+    rows/tokens zero. The kt kernel asks for kp = Gp*M rows and align = its token tile, so that its gathers
+    never leave the buffer and need no bounds checks."""
     kp = max(K, kp)
     ldt = ((T + align - 1) // align) * align
-    xt = torch.empty((kp, ldt), dtype=x2.dtype, device=x2.device)
-    tp = _TransposeParams(x2.data_ptr(), xt.data_ptr(), ldx, ldt, T, K, kp)
-    mod.launch(expr, (math.ceil(kp / 64), math.ceil(ldt / 64), 1), (256, 1, 1), 0, stream, tp)
-    return xt
+    return (kp, ldt), (math.ceil(kp / 64), math.ceil(ldt / 64), 1)
 
 
 def transpose_kmajor(x: torch.Tensor) -> torch.Tensor:
@@ -373,40 +369,147 @@ def transpose_kmajor(x: torch.Tensor) -> torch.Tensor:
     arch = _device_info(idx)[0]
     with _on_device(idx):
         mod = _nvrtc.get_module([_cfg.TRANSPOSE_EXPR], arch, idx)
-        return _launch_transpose(mod, _cfg.TRANSPOSE_EXPR, x, x.stride(0), torch.cuda.current_stream(idx).cuda_stream)
+        shape, grid = _transpose_plan(T, K, 0, 8)
+        xt = torch.empty(shape, dtype=x.dtype, device=x.device)
+        tp = _TransposeParams(x.data_ptr(), xt.data_ptr(), x.stride(0), shape[1], T, K, shape[0])
+        mod.launch(_cfg.TRANSPOSE_EXPR, grid, (256, 1, 1), 0, torch.cuda.current_stream(idx).cuda_stream, tp)
+        return xt
 
 
-STREAM_TILE_BYTES = 1280  # one (16-row tile, pair of k-steps): values of rows g / g+8 [32][16 B] x 2 + meta [32][8 B]
+# --------------------------------------------------------------------------------------------- launch plans
+# Split-K arrival counters of the one-launch stream/ring kernels: one buffer per (device, stream), zero
+# between launches (the last CTA of each row group resets its counter), so consecutive launches on one
+# stream share it and launches on different streams never do. Driver memory (nvrtc.alloc_zeroed_words),
+# never freed: graphs captured with a buffer keep using it.
+_COUNTER_WORDS = 1 << 16
+_COUNTERS: dict[tuple[int, int], tuple[int, int]] = {}  # (device, stream) -> (address, words)
 
 
-def stream_tiles(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The packed weight in STREAM order, for the experimental ``TILED`` ring config (``ring_n1r1selt``):
-    (Rp/16, ceil(Gp/16), 1280) uint8, where chunk (t, u) holds exactly the bytes that the warp owning rows
-    16t..16t+15 copies into one ring slot for pair u (groups 16u..16u+15), at the same offsets: lane
-    (g, tig) = 4g + tig has the 16 value bytes of row 16t+g, groups 16u+4tig..+3 at 16*lane, those of row
-    16t+8+g at 512 + 16*lane, and the 8 metadata bytes of row 16t+8*(tig>>1)+g, groups 16u+8*(tig&1)..+7 at
-    1024 + 8*lane. Groups past Gp are zero. Pure torch (any device); a full copy of the weight."""
-    Rp, Gp = meta.shape
-    if values.shape[:2] != (Rp, Gp) or Rp % 16:
-        raise ValueError(f"stream_tiles: values {tuple(values.shape)} and meta {tuple(meta.shape)} do not match "
-                         "a packed V:2:M weight with a multiple of 16 rows")
-    npairs = (Gp + 15) // 16
-    vb = values.contiguous().view(torch.uint8).reshape(Rp, Gp, 4)
-    mb = meta.contiguous()
-    if npairs * 16 != Gp:
-        vb = torch.nn.functional.pad(vb, (0, 0, 0, npairs * 16 - Gp))
-        mb = torch.nn.functional.pad(mb, (0, npairs * 16 - Gp))
-    # values: (tile, half, g, pair, tig, group-in-4, byte) -> (tile, pair, half, g, tig, group-in-4, byte)
-    vt = vb.reshape(Rp // 16, 2, 8, npairs, 4, 4, 4).permute(0, 3, 1, 2, 4, 5, 6).reshape(Rp // 16, npairs, 1024)
-    # meta: (tile, h, g, pair, pp, j) -> (tile, pair, g, h, pp, j): lane = 4g + 2h + pp
-    mt = mb.reshape(Rp // 16, 2, 8, npairs, 2, 8).permute(0, 3, 2, 1, 4, 5).reshape(Rp // 16, npairs, 256)
-    return torch.cat([vt, mt], dim=-1).contiguous()
+def _counter_buffer(idx: int, stream: int, n: int) -> int:
+    entry = _COUNTERS.get((idx, stream))
+    if entry is None or entry[1] < n:
+        words = max(n, _COUNTER_WORDS)
+        entry = _COUNTERS[(idx, stream)] = (_nvrtc.alloc_zeroed_words(words, stream, idx), words)
+    return entry[0]
 
 
-def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str | None = None,
-               tiles: torch.Tensor | None = None):
-    """The CUDA path. ``config`` forces a tile config; ``tiles`` (``stream_tiles(values, meta)``) is required
-    by, and only used with, the experimental TILED configs."""
+class SpmmPlan:
+    """One ``venom::spmm`` call shape with every decision taken once: kernel, tile config, split, grids and
+    the argument structs with the weight pointers filled in. ``run(x2, ldx, stream)`` allocates only the
+    output (and the split-K workspace or x^T where the kernel needs them), writes the per-call pointers and
+    launches. Plans hold the weights' addresses, not the tensors: a caller that caches one must check that
+    the tensors it was made for are still the ones it passes (``VNMSparseLinear`` compares data pointers).
+    """
+
+    def __init__(self, cfg, kw: int, split: int, steps: int, T: int, K: int, ldx: int, dtype: torch.dtype,
+                 idx: int, values, columns, meta, bias, v: int, m: int, R: int):
+        arch, num_sms, _ = _device_info(idx)
+        bf16 = dtype == torch.bfloat16
+        Rp, Gp = values.shape[0], values.shape[1]
+        self.T, self.R, self.dtype, self.idx = T, R, dtype, idx
+        self.device = torch.device("cuda", idx)
+        self.out_rows = T
+        self.kind = "stream" if cfg.kernel in ("stream", "ring") else cfg.kernel
+        self.split = split
+        self.cfg = cfg
+        bptr = bias.data_ptr() if bias is not None else None
+        exprs = [cfg.expr(bf16, kw)]
+        if self.kind != "stream":
+            exprs.append(_cfg.reduce_expr(bf16))
+        if self.kind == "kt":
+            exprs.append(_cfg.TRANSPOSE_EXPR)
+        mod = _nvrtc.get_module(exprs, arch, idx)
+        self.main = mod.kernel(exprs[0])
+        self.block = (cfg.threads, 1, 1)
+        self.ws_numel = 0
+        self.reduce = self.transpose = None
+        self.row_ctas = 0
+        if self.kind == "stream":
+            self.row_ctas = math.ceil(Rp / cfg.bm)
+            self.grid = (self.row_ctas, split, 1)
+            self.smem = cfg.smem_bytes(m, 2, steps, T)
+            if split > 1:
+                self.ws_numel = split * self.row_ctas * cfg.bm * cfg.bn
+            ld_in = ldx
+        else:
+            self.grid = (math.ceil(Rp / cfg.bm), math.ceil(T / cfg.bn), split)
+            self.smem = cfg.smem_bytes(m, kw, steps)
+            if split > 1:
+                self.ws_numel = split * T * R
+                self.reduce = mod.kernel(exprs[1])
+                self.reduce_grid = (min(math.ceil(T * R / 256), num_sms * 8), 1, 1)
+                self.rp = _ReduceParams(0, bptr, 0, R, T, R, split)
+                self.rp_args, self._rp_keep = _nvrtc.kernel_args(self.rp)
+            ld_in = ldx
+            if self.kind == "kt":
+                # v3 prefill: one K-major copy x^T (Gp*M, roundup(T, BN)) per call, then 16-byte row gathers
+                self.transpose = mod.kernel(exprs[2])
+                self.xt_shape, self.transpose_grid = _transpose_plan(T, K, Gp * m, cfg.bn)
+                self.tp = _TransposeParams(0, 0, ldx, self.xt_shape[1], T, K, self.xt_shape[0])
+                self.tp_args, self._tp_keep = _nvrtc.kernel_args(self.tp)
+                ld_in = self.xt_shape[1]
+        self.main.reserve_smem(self.smem)
+        self.p = _SpmmParams(0, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), bptr, 0, None,
+                             ld_in, R, T, K, R, Rp, Gp, v, m, steps, split, None)
+        self.p_args, self._p_keep = _nvrtc.kernel_args(self.p)
+        # the argument structs are shared by the calls of this plan: one call at a time writes and launches
+        self._lock = threading.Lock()
+
+    def run(self, xptr: int, stream: int, out_shape) -> torch.Tensor:
+        """y (``out_shape``, T * R elements) for x at ``xptr`` (the layout the plan was made for)."""
+        y = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+        ws = torch.empty(self.ws_numel, dtype=torch.float32, device=self.device) if self.ws_numel else None
+        with self._lock:
+            p = self.p
+            p.y = y.data_ptr()
+            if ws is not None:
+                p.ws = ws.data_ptr()
+            if self.kind == "stream":
+                p.x = xptr
+                if self.split > 1:
+                    p.counters = _counter_buffer(self.idx, stream, self.row_ctas)
+                self.main.launch(self.grid, self.block, self.smem, stream, self.p_args)
+                return y
+            if self.transpose is not None:
+                xt = torch.empty(self.xt_shape, dtype=self.dtype, device=self.device)
+                self.tp.x, self.tp.xt = xptr, xt.data_ptr()
+                self.transpose.launch(self.transpose_grid, (256, 1, 1), 0, stream, self.tp_args)
+                p.x = xt.data_ptr()
+            else:
+                p.x = xptr
+            self.main.launch(self.grid, self.block, self.smem, stream, self.p_args)
+            if self.reduce is not None:
+                self.rp.ws, self.rp.y = ws.data_ptr(), y.data_ptr()
+                self.reduce.launch(self.reduce_grid, (256, 1, 1), 0, stream, self.rp_args)
+        return y
+
+
+def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, columns, meta, bias, v: int, m: int,
+              R: int, config: str | None = None) -> SpmmPlan | None:
+    """The launch plan of one call (None when no shipped instance fits: the caller runs the reference).
+    The tensors must be CUDA, contiguous and 16-byte aligned, bias None or of ``dtype``."""
+    Rp, Gp = values.shape[0], values.shape[1]
+    _, num_sms, max_smem = _device_info(idx)
+    cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config)
+    if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
+        # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
+        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64")
+    if cfg is None:
+        return None
+    return SpmmPlan(cfg, kw, split, steps, T, K, ldx, dtype, idx, values, columns, meta, bias, v, m, R)
+
+
+_PLANS: dict[tuple, SpmmPlan | None] = {}
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t if t.is_contiguous() else t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str | None = None):
+    """The CUDA path of the op. ``config`` forces a tile config. Plans are memoized on everything they
+    depend on (shapes, dtype, device, the tensors' addresses, the forced config)."""
     K = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -422,105 +525,54 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
         xp = torch.zeros((T, ((K + 7) // 8) * 8), dtype=x.dtype, device=x.device)
         xp[:, :K] = x2
         x2, ldx = xp, xp.stride(0)
-    values = values if values.is_contiguous() else values.contiguous()
-    columns = columns if columns.is_contiguous() else columns.contiguous()
-    meta = meta if meta.is_contiguous() else meta.contiguous()
+    values, columns, meta = _aligned(values), _aligned(columns), _aligned(meta)
     if bias is not None:
-        bias = bias.to(x.dtype)
-        bias = bias if bias.is_contiguous() else bias.contiguous()
-    if values.data_ptr() % 16:
-        values = values.clone()
-    if columns.data_ptr() % 16:
-        columns = columns.clone()
-    if meta.data_ptr() % 16:
-        meta = meta.clone()
-    Rp, Gp = values.shape[0], values.shape[1]
+        bias = _aligned(bias.to(x.dtype))
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    arch, num_sms, max_smem = _device_info(idx)
-    cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config)
-    if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
-        # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
-        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64")
-    if cfg is None:
+    config = config or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
+    key = (T, K, ldx, x.dtype, idx, values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
+           0 if bias is None else bias.data_ptr(), tuple(values.shape), tuple(columns.shape), v, m, R, config,
+           _tunables())
+    plan = _PLANS.get(key, False)
+    if plan is False:
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = make_plan(T, K, ldx, x.dtype, idx, values, columns, meta, bias, v, m, R, config)
+    if plan is None:
         return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
-    y = torch.empty((T, R), dtype=x.dtype, device=x.device)
-    bf16 = x.dtype == torch.bfloat16
-    kt = cfg.kernel == "kt"
-    stream_k = cfg.kernel in ("stream", "ring")
-    if stream_k:
-        wptr = values.data_ptr()
-        if cfg.tiled:
-            want = (Rp // 16, (Gp + 15) // 16, STREAM_TILE_BYTES)
-            if tiles is None or tuple(tiles.shape) != want or tiles.dtype != torch.uint8 or not tiles.is_contiguous() \
-                    or tiles.device != values.device:
-                raise ValueError(f"config {cfg.name} reads the weight in stream order: pass "
-                                 f"tiles=stream_tiles(values, meta), a contiguous uint8 tensor of shape {want} on "
-                                 f"{values.device}")
-            wptr = tiles.data_ptr()
-        return _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead,
-                              wptr)
-    ws = torch.empty((split, T, R), dtype=torch.float32, device=x.device) if split > 1 else None
     with _on_device(idx):
-        stream = torch.cuda.current_stream(idx).cuda_stream
-        exprs = [cfg.expr(bf16, kw), _cfg.reduce_expr(bf16)] + ([_cfg.TRANSPOSE_EXPR] if kt else [])
-        mod = _nvrtc.get_module(exprs, arch, idx)
-        xk, ldk = x2, ldx
-        if kt:
-            # v3 prefill: one K-major copy x^T (K, roundup(T, 8)) per call, then 16-byte row gathers
-            xk = _launch_transpose(mod, exprs[2], x2, ldx, stream, kp=Gp * m, align=cfg.bn)
-            ldk = xk.stride(0)
-        p = _SpmmParams(
-            xk.data_ptr(), values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
-            bias.data_ptr() if bias is not None else None, y.data_ptr(),
-            ws.data_ptr() if ws is not None else None,
-            ldk, R, T, K, R, Rp, Gp, v, m, steps, split,
-        )
-        grid = (math.ceil(Rp / cfg.bm), math.ceil(T / cfg.bn), split)
-        mod.launch(exprs[0], grid, (cfg.threads, 1, 1), cfg.smem_bytes(m, kw, steps), stream, p)
-        if split > 1:
-            rp = _ReduceParams(ws.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), R, T, R, split)
-            n = T * R
-            blocks = min(math.ceil(n / 256), num_sms * 8)
-            mod.launch(exprs[1], (blocks, 1, 1), (256, 1, 1), 0, stream, rp)
+        y = plan.run(x2.data_ptr(), torch.cuda.current_stream(idx).cuda_stream, (T, R))
     return y.view(*lead, R)
 
 
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+# --------------------------------------------------------------------------------------------- input checks
+def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, layer: str) -> None:
+    """The checks ``nn.Linear`` makes, with messages that name the layer and the numbers; the same on every
+    device. ``in_features`` None (a bare ``spmm`` call, which only knows the padded width): the last dimension
+    must fall in the weight's last k-step of 8 column groups."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer}: the input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{layer}: the input must have at least one dimension (its features), got a 0-d tensor")
+    width = x.shape[-1]
+    if in_features is not None:
+        if width != in_features:
+            raise ValueError(f"{layer}: the input's last dimension is {width}, the layer takes in_features="
+                             f"{in_features} (input shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{layer}: the input has dtype {x.dtype}; a floating-point input is needed (the weight is "
+                        f"{weight.dtype})")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{layer}: the input has dtype {x.dtype}, the weight {weight.dtype}; cast one of them "
+                        f"(x.to({weight.dtype}) or model.to({x.dtype})), as nn.Linear needs")
+    if x.device != weight.device:
+        raise ValueError(f"{layer}: the input is on {x.device}, the weight on {weight.device}")
 
 
-def _counters(device: torch.device, stream: int, n: int) -> torch.Tensor:
-    """Arrival counters of the stream kernel's one-launch split-K, one buffer per (device, stream): zero
-    between launches (the last CTA of each row group resets its counter), so consecutive launches on one
-    stream can share it; launches on different streams must not."""
-    key = (device.index, stream)
-    c = _COUNTERS.get(key)
-    if c is None or c.numel() < n:
-        c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = c
-    return c
-
-
-def _launch_stream(cfg, split, steps, x2, ldx, values, columns, meta, bias, v, m, y, idx, arch, bf16, lead,
-                   wptr: int | None = None):
-    T, K = x2.shape
-    R = y.shape[1]
-    Rp, Gp = values.shape[0], values.shape[1]
-    row_ctas = math.ceil(Rp / cfg.bm)
-    ws = torch.empty(split * row_ctas * cfg.bm * cfg.bn, dtype=torch.float32, device=x2.device) if split > 1 else None
-    with _on_device(idx):
-        stream = torch.cuda.current_stream(idx).cuda_stream
-        cnt = _counters(x2.device, stream, row_ctas) if split > 1 else None
-        expr = cfg.expr(bf16, 2)
-        mod = _nvrtc.get_module([expr], arch, idx)
-        p = _SpmmParams(
-            x2.data_ptr(), wptr if wptr is not None else values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
-            bias.data_ptr() if bias is not None else None, y.data_ptr(),
-            ws.data_ptr() if ws is not None else None,
-            ldx, R, T, K, R, Rp, Gp, v, m, steps, split,
-            cnt.data_ptr() if cnt is not None else None,
-        )
-        mod.launch(expr, (row_ctas, split, 1), (cfg.threads, 1, 1), cfg.smem_bytes(m, 2, steps, T), stream, p)
-    return y.view(*lead, R)
+def _tunables() -> tuple:
+    return (STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS,
+            RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS,
+            KT128_MIN_CTAS_PER_SM)
 
 
 @torch.library.custom_op("venom::spmm", mutates_args=())
@@ -544,10 +596,20 @@ def _spmm_fake(x, values, columns, meta, bias, v, m, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def spmm(x, values, columns, meta, bias, v: int, m: int, out_features: int) -> torch.Tensor:
+def spmm(x, values, columns, meta, bias, v: int, m: int, out_features: int, *, in_features: int | None = None
+         ) -> torch.Tensor:
     """y = x @ W^T (+ bias) for W (out_features x K, V:2:M) in the canonical packed layout.
 
-    x: (..., K) fp16/bf16 on CUDA for the kernel (any dtype/device via the reference); returns
-    (..., out_features) in x.dtype. values (Rp, Gp, 2), columns (Rb, Gp, 4) uint8, meta (Rp, Gp) uint8.
+    x: (..., K) fp16/bf16 on CUDA for the kernel (float32/float64 and other devices run the reference);
+    its dtype and device must be those of ``values`` (as for ``nn.Linear``), and K must be ``in_features``
+    when given, else within the padded width of ``values``. Returns (..., out_features) in x.dtype.
+    values (Rp, Gp, 2), columns (Rb, Gp, 4) uint8, meta (Rp, Gp) uint8.
     """
+    check_input(x, values, in_features, "venom_hf.spmm")
+    if in_features is None:
+        padded = values.shape[1] * int(m)
+        if not padded - 8 * int(m) < x.shape[-1] <= padded:
+            raise ValueError(f"venom_hf.spmm: the input's last dimension is {x.shape[-1]}, but the packed weight "
+                             f"({values.shape[1]} column groups of {m}) holds {padded - 8 * int(m) + 1} to {padded} "
+                             "input features")
     return torch.ops.venom.spmm(x, values, columns, meta, bias, int(v), int(m), int(out_features))
