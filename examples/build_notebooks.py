@@ -68,7 +68,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
-from venom_hf import assets
+from venom_hf.demo import assets
 from venom_hf.pruning import VNMPruningCallback
 
 hf_logging.set_verbosity_error()
@@ -198,7 +198,8 @@ The committed outputs are from the `full` size on 2 CPU cores (OBS alone takes ~
     ("code", '''\
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
-from venom_hf import VNMConfig, assets
+from venom_hf import VNMConfig
+from venom_hf.demo import assets
 from venom_hf.evaluation import generation_speed, model_nbytes, perplexity
 from venom_hf.modules import VNMMaskedLinear, VNMSparseLinear
 
@@ -256,10 +257,12 @@ with torch.no_grad():
     logits_reloaded = sparse(**batch).logits
 print(f"packed layers after reload: {n_packed}; max |logits| diff packed vs masked "
       f"{(logits_packed - logits_masked).abs().max():.2e}, reloaded vs packed {(logits_reloaded - logits_packed).abs().max():.2e}")
-n_groups = venom_hf.fuse_projections(sparse)  # q|k|v and gate|up as one SpMM each (no extra memory)
+# loading a packed checkpoint fused q|k|v and gate|up (one SpMM each, no extra memory); unfused to compare
+n_groups = venom_hf.unfuse_projections(sparse)
 with torch.no_grad():
-    logits_fused = sparse(**batch).logits
-print(f"fuse_projections: {n_groups} groups; max |logits| diff fused vs unfused {(logits_fused - logits_reloaded).abs().max():.2e}")
+    logits_unfused = sparse(**batch).logits
+venom_hf.fuse_projections(sparse)
+print(f"fuse_projections: {n_groups} groups; max |logits| diff fused vs unfused {(logits_reloaded - logits_unfused).abs().max():.2e}")
 for name, m in (("dense", dense), ("sparse (packed, reloaded)", sparse)):
     g = m.generate(**batch, max_new_tokens=CFG["new_tokens"], do_sample=False, pad_token_id=tok.eos_token_id)
     print(f"{name:>26}: {prompt!r} -> {tok.decode(g[0, batch['input_ids'].shape[1]:], skip_special_tokens=True)!r}")'''),
@@ -292,7 +295,7 @@ NB03 = [
     ("md", """\
 # 03 - SpMM kernel benchmarks: Spatha V:2:M vs cuBLAS and cuSPARSELt
 
-Plots the JSON written by `benchmarks/spmm.py` (`venom-hf bench kernel --out DIR` writes `DIR/spmm.json`).
+Plots the JSON written by `venom_hf.bench.spmm` (`venom-hf bench kernel --out DIR` writes `DIR/spmm.json`).
 By default this reads the committed H100 run `docs/spmm_h100.json`; set `VENOM_HF_SPMM_JSON` to plot
 another run. Nothing is measured here (the benchmark needs a CUDA GPU): the notebook only reads numbers.
 

@@ -65,14 +65,14 @@ def main(argv=None):
     ap.add_argument("--prune-start", type=float, default=0.1, help="first pruning step, fraction of --steps")
     ap.add_argument("--prune-end", type=float, default=0.6, help="last pruning step, fraction of --steps")
     ap.add_argument("--kd", action="store_true", help="gradual runs distill from the dense model (KL, T = 2)")
-    ap.add_argument("--model", default=None, help="HF folder of SmolLM2 (default: venom_hf.assets.smollm2_path())")
-    ap.add_argument("--texts", default=None, help="JSON (.gz) {title: text} of the novels (default: venom_hf.assets)")
+    ap.add_argument("--model", default=None, help="HF folder of SmolLM2 (default: venom_hf.demo.assets.smollm2_path())")
+    ap.add_argument("--texts", default=None, help="JSON (.gz) {title: text} of the novels (default: venom_hf.demo.assets)")
     ap.add_argument("--export-texts", default=None, help="write the novels as JSON (.gz) into this file and exit")
     ap.add_argument("--runs", nargs="*", default=["dense", "dense-ft", "oneshot-magnitude", "oneshot-obs", "gradual-obs"],
                     help="any of dense, dense-ft, oneshot-{magnitude,obs}, gradual-{magnitude,obs}")
     a = ap.parse_args(argv)
     if a.export_texts:
-        from venom_hf.assets import jane_austen
+        from venom_hf.demo.assets import jane_austen
 
         _write_json(a.export_texts, jane_austen())
         return
@@ -85,7 +85,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     import venom_hf
-    from venom_hf import assets
+    from venom_hf.demo import assets
     from venom_hf.pruning import DistillationLoss, VNMPruningCallback
 
     path = a.model or assets.smollm2_path()

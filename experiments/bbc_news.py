@@ -30,7 +30,7 @@ def load_data(assets: str | None):
         with open(os.path.join(assets, "bbc.json")) as f:
             d = json.load(f)
         return os.path.join(assets, "minilm"), d
-    from venom_hf import assets as A
+    from venom_hf.demo import assets as A
 
     ds = A.bbc_news(seed=0)
     d = {s: {"text": list(ds[s]["text"]), "label": [int(x) for x in ds[s]["label"]]} for s in ("train", "test")}
@@ -79,7 +79,7 @@ def accuracy(model, ds, collator, bs=64):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/bbc_news")
-    ap.add_argument("--assets", default=None, help="folder with minilm/ and bbc.json (default: venom_hf.assets)")
+    ap.add_argument("--assets", default=None, help="folder with minilm/ and bbc.json (default: venom_hf.demo.assets)")
     ap.add_argument("--export-assets", default=None, help="write the carried assets into this folder and exit")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-len", type=int, default=128)

@@ -1,8 +1,10 @@
-"""The `venom-hf` command line: --help of each command, clear errors (exit 2, no traceback), and
-`prune` + `eval` end to end on tiny models that use the real MiniLM tokenizer and BBC News data."""
+"""The `venom-hf` command line: --help of each command, clear errors (exit 2, no traceback), the benchmarks
+from an installed wheel, and `prune` + `eval` end to end on tiny models that use the real MiniLM tokenizer and
+BBC News data."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +36,7 @@ def test_help_of_each_command(command, capsys):
     assert out.startswith("usage: venom-hf")
     for word in {(): ["demo", "prune", "eval", "bench"], ("demo",): ["--spec", "--device", "--calib-samples"],
                  ("prune",): ["--method", "--calib", "--format", "--out"], ("eval",): ["--task", "--data"],
-                 ("bench",): ["kernel", "model", "CUDA GPU"]}[tuple(command)]:
+                 ("bench",): ["kernel", "model", "e2e", "multi-gpu", "generate", "CUDA GPU"]}[tuple(command)]:
         assert word in out
 
 
@@ -74,12 +76,78 @@ def test_bench_kernel_without_gpu(capsys):
     assert "needs a CUDA GPU" in err
 
 
+@pytest.mark.parametrize("what,module,word", [("kernel", "spmm", "--cold"), ("model", "models", "--formats"),
+                                              ("e2e", "hf_e2e", "--model"), ("multi-gpu", "multi_gpu", "ddp-check")])
+def test_bench_help_runs_the_package_module(what, module, word, capsys):
+    assert cli.main(["bench", what, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: venom-hf bench {what}") and word in out
+    assert cli.BENCHMARKS[what][0] == module
+
+
+def test_bench_modules_live_in_the_package():
+    import importlib
+
+    for module, _ in cli.BENCHMARKS.values():
+        if module == "generate" and importlib.util.find_spec("venom_hf.bench.generate") is None:
+            continue  # optional here: the CLI names it and says so when it is missing
+        assert callable(importlib.import_module(f"venom_hf.bench.{module}").main)
+    assert not os.path.exists(os.path.join(os.path.dirname(SRC), "benchmarks"))
+
+
+def _copy_source(dst):
+    import shutil
+
+    root = os.path.dirname(SRC)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), dst / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(os.path.join(root, "csrc"), dst / "csrc", ignore=ignore)
+    shutil.copytree(os.path.join(root, "src"), dst / "src", symlinks=True, ignore=ignore)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
+                    reason="building the wheel offline (--no-build-isolation) needs setuptools in this environment")
+def test_wheel_runs_the_cli_without_the_repository(tmp_path):
+    """`pip wheel` of the project, installed alone into a folder: the CLI and its benchmarks run from there
+    (cwd outside the checkout, no src/ on the path) and the kernel sources ship as package data."""
+    import zipfile
+
+    src = tmp_path / "src_copy"
+    src.mkdir()
+    _copy_source(src)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("venom_hf-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "venom_hf/bench/spmm.py" in names and "venom_hf/demo/assets.py" in names
+    assert "venom_hf/csrc/spatha.cuh" in names and not any(n.startswith("benchmarks/") for n in names)
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                        str(wheel)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {**ENV, "PYTHONPATH": str(site)}
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "venom_hf.cli", *argv], capture_output=True, text=True, env=env,
+                              cwd=str(tmp_path), timeout=120)
+
+    r = run("bench", "kernel", "--help")
+    assert r.returncode == 0 and "usage: venom-hf bench kernel" in r.stdout and "--cold" in r.stdout, r.stderr
+    r = run("demo", "--help")
+    assert r.returncode == 0 and "--spec" in r.stdout, r.stderr
+    where = subprocess.run([sys.executable, "-c", "import venom_hf.bench.spmm as m; print(m.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120).stdout
+    assert where.startswith(str(site)), where
+
+
 # -- end to end on tiny models --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from venom_hf import assets
+    from venom_hf.demo import assets
 
     return AutoTokenizer.from_pretrained(assets.minilm_path())
 
@@ -99,7 +167,7 @@ def tiny_llama_dir(tmp_path_factory, minilm_tokenizer):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    from venom_hf import assets
+    from venom_hf.demo import assets
 
     p = tmp_path_factory.mktemp("text") / "news.txt"
     p.write_text("\n\n".join(assets.bbc_news()["test"]["text"][:20]))

@@ -1,4 +1,4 @@
-"""VNMPruningCallback under real DDP: 2 CPU processes, gloo backend, transformers.Trainer (issue 8).
+"""VNMPruningCallback under real DDP: 2 CPU processes, gloo backend, transformers.Trainer.
 
 The test launches this file twice as a worker:
 
@@ -16,7 +16,8 @@ half-batch gradients); the cross-rank mask check raises on a deliberately corrup
 is re-broadcast from rank 0.
 
 ``--backend nccl`` runs the same worker on GPUs (each rank on ``cuda:LOCAL_RANK``; the single-process reference
-on one GPU): ``benchmarks/multi_gpu.py ddp-check`` does that on a 2-GPU machine (``scripts/gpu_multi.sh``).
+on one GPU): ``python -m venom_hf.bench.multi_gpu ddp-check`` does that on a 2-GPU machine
+(``scripts/gpu_check.sh --bench multi-gpu``).
 CI only runs the gloo/CPU test below.
 """
 
@@ -141,7 +142,7 @@ def _loopback_ok() -> bool:
 
 
 def _run(cmd, out, extra_env=None, timeout=240):
-    src = os.environ.get("VENOM_HF_SRC") or os.path.join(ROOT, "src")  # another copy of src/, if set
+    src = os.path.join(ROOT, "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1")

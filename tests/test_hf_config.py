@@ -154,3 +154,58 @@ print("EVIL_IMPORTED", any(m.startswith("evil") for m in sys.modules))
     assert "ALIAS False" in r.stdout
     assert "REJECTED VNMConfig.format must be one of ['dense', 'packed']" in r.stdout
     assert "EVIL_IMPORTED False" in r.stdout
+
+
+@pytest.mark.parametrize("targets", [
+    None,                                             # DEFAULT_TARGETS
+    ["re:.*"],                                        # everything: the default ignore list decides
+    ["re:model\\.layers\\.0\\..*", "lm_head"],        # whole-name regex + a head that is always skipped
+    ["re:.*proj"], ["re:proj"],                       # "re:proj" matches no whole name, in both
+    ["mlp.up_proj", "re:.*\\.(q|v)_proj"],
+])
+def test_same_pattern_selects_the_same_modules_in_config_and_pruning(targets):
+    """VNMConfig (load-time sparsification) and find_targets (pruning) read one pattern syntax and one
+    default ignore list, so a pruned model's saved config rebuilds exactly the pruned layers."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from venom_hf.pruning import find_targets
+
+    for model in (tiny_llama(), BertForSequenceClassification(BertConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=128))):
+        cfg = VNMConfig("16:2:8", targets=targets)
+        by_config = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and cfg.is_target(n)}
+        try:
+            by_pruning = set(find_targets(model, cfg.targets))
+        except ValueError:  # nothing selected
+            by_pruning = set()
+        assert by_config == by_pruning, targets
+        assert not any(n.endswith(("lm_head", "classifier", "pooler.dense")) for n in by_config)
+
+
+def test_find_targets_ignore_adds_to_the_default_ignore_list():
+    from venom_hf.pruning import find_targets
+
+    names = set(find_targets(tiny_llama(), ["re:.*"], ignore=["o_proj"]))
+    assert names and not any(n.endswith(("o_proj", "lm_head")) for n in names)
+
+
+def test_packed_checkpoint_of_a_newer_format_version_is_refused(tmp_path):
+    """A checkpoint written by a newer venom_hf (format_version, or `version` as a hand edit writes it)
+    raises at from_pretrained with the version found, the version supported and what to do."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=VNMConfig("16:2:8",
+                                                                                                   format="packed"))
+    model.save_pretrained(tmp_path / "packed")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "packed")  # loads as written
+    cfg_file = tmp_path / "packed" / "config.json"
+    written = json.loads(cfg_file.read_text())
+    assert written["quantization_config"]["format_version"] == 1
+    for key in ("version", "format_version"):
+        edited = json.loads(json.dumps(written))
+        edited["quantization_config"][key] = 99
+        cfg_file.write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=r"format_version 99, but this venom_hf reads format_version 1 at most"
+                                             r".*Upgrade venom_hf"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "packed")

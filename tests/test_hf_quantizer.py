@@ -191,7 +191,9 @@ def test_device_map_and_disk_offload(llama_dir, tmp_path, fmt):
         vnm = [m for m in off.modules() if isinstance(m, (VNMMaskedLinear, VNMSparseLinear))]
         assert any(all(p.is_meta for p in m.parameters()) for m in vnm)  # some VNM layers live on disk
         with torch.no_grad():
-            assert torch.equal(off(ids).logits, ref)
+            # offloaded layers stay unfused (the loaded models fuse q|k|v, gate|up): the same sums in another
+            # order, so equal up to float32 rounding
+            torch.testing.assert_close(off(ids).logits, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_compress_in_place(llama_dir, caplog):

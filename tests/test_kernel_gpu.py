@@ -27,7 +27,8 @@ if not kernels.is_available():
     pytest.skip("Spatha kernel unavailable (compute capability < 8.0 or no NVRTC)", allow_module_level=True)
 
 DEV = torch.device("cuda")
-TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # relative Frobenius error vs float64
+# largest error of an output element vs float64, relative to the element's size plus its row's RMS (check())
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
 def random_vnm_mask(R: int, K: int, v: int, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -74,8 +75,17 @@ def check(y, x, wd, bias, dtype, what=""):
         ref = ref + bias.double()
     assert y.dtype == dtype and y.shape == ref.shape, what
     assert torch.isfinite(y).all(), f"{what}: {int((~torch.isfinite(y)).sum())} non-finite outputs"
-    err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    assert err < TOL[dtype], f"{what}: relative error {err:.3e}"
+    # Per element, not a norm over the whole output: one wrong row (or element) among 4096 moves a relative
+    # Frobenius norm by less than the bf16 tolerance. Scaling by |ref| + the row's RMS keeps near-zero
+    # outputs (cancellation) from failing on rounding alone.
+    rms = ref.pow(2).mean(-1, keepdim=True).sqrt()
+    rel = (y.double() - ref).abs() / (ref.abs() + rms).clamp_min(1e-30)
+    err = rel.max().item()
+    if err >= TOL[dtype]:
+        idx = divmod(int(rel.argmax()), rel.shape[-1]) if rel.dim() > 1 else (0, int(rel.argmax()))
+        bad_rows = int((rel.amax(-1) >= TOL[dtype]).sum()) if rel.dim() > 1 else 1
+        raise AssertionError(f"{what}: max element error {err:.3e} at (row, col) {idx}; {bad_rows} rows over "
+                             f"{TOL[dtype]:g}")
     return err
 
 
@@ -131,7 +141,7 @@ def test_all_v_m(v, m, dtype):
 
 
 # --- every shipped tile config, forced, with residues and split-K ----------------------------------------
-@pytest.mark.parametrize("cfg", [c.name for c in configs.CONFIGS if not c.tiled])  # tiled: test_stream_tiles
+@pytest.mark.parametrize("cfg", [c.name for c in configs.CONFIGS])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_config(cfg, dtype):
     c = configs.BY_NAME[cfg]
@@ -141,7 +151,7 @@ def test_every_config(cfg, dtype):
 
 
 # --- v4 stream / v5 ring kernels (decode): every config, K split off and on, odd shapes, every V / M --------
-STREAM = [c.name for c in configs.CONFIGS if c.kernel in ("stream", "ring") and not c.tiled]
+STREAM = [c.name for c in configs.CONFIGS if c.kernel in ("stream", "ring")]
 
 
 @pytest.mark.parametrize("cfg", STREAM)
@@ -172,6 +182,18 @@ def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
             run_case(R, K, v, m, dtype, T, bias=(T % 2 == 1), config=cfg)
 
 
+def _read_words(addr: int, n: int) -> list[int]:
+    """n 32-bit words of driver memory (the split-K counters live outside torch's allocator)."""
+    import ctypes
+
+    from cuda.bindings import driver
+
+    buf = (ctypes.c_uint32 * n)()
+    (err,) = driver.cuMemcpyDtoH(ctypes.addressof(buf), addr, 4 * n)
+    assert int(err) == 0, err
+    return list(buf)
+
+
 @pytest.mark.parametrize("kernel", ["stream", "ring"])
 def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
     """The one-launch global split-K (v4 always, v5 on small layers): bitwise the same result every call,
@@ -186,30 +208,8 @@ def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
     ys = [ops._spmm_cuda(x, p.values, p.columns, p.meta, None, v, m, R, config=name) for _ in range(5)]
     torch.cuda.synchronize()
     assert all(torch.equal(ys[0], y) for y in ys[1:])
-    assert all(int(c.abs().sum()) == 0 for c in ops._COUNTERS.values())
+    assert ops._COUNTERS and all(not any(_read_words(addr, words)) for addr, words in ops._COUNTERS.values())
     check(ys[0], x, wd, None, dtype, f"{kernel} split")
-
-
-# --- experimental TILED ring config: the weight in stream order gives bitwise the same result as the canonical
-# layout (same kernel otherwise), with the K split off and forced; without the tiles it refuses -----------------
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("ctas_per_sm", [0.001, 8.0])
-def test_stream_tiles(dtype, ctas_per_sm, monkeypatch):
-    monkeypatch.setattr(ops, "RING_CTAS_PER_SM", ctas_per_sm)
-    for R, K, v, m, T in [(4096, 4096, 64, 8, 1), (12288, 4096, 64, 8, 1), (200, 264, 32, 4, 3), (320, 1000, 64, 16, 8),
-                          (4096, 11008, 128, 8, 1), (576, 1536, 64, 32, 5)]:
-        p, wd = packed_weight(R, K, v, m, dtype)
-        tiles = ops.stream_tiles(p.values, p.meta)
-        x = torch.randn(T, K, device=DEV).to(dtype)
-        b = torch.randn(R, device=DEV).to(dtype) if T % 2 else None
-        poison()
-        y_t = ops._spmm_cuda(x, p.values, p.columns, p.meta, b, v, m, R, config="ring_n1r1selt", tiles=tiles)
-        y_s = ops._spmm_cuda(x, p.values, p.columns, p.meta, b, v, m, R, config="ring_n1r1sel")
-        torch.cuda.synchronize()
-        assert torch.equal(y_t, y_s), (R, K, v, m, T)
-        check(y_t, x, wd, b, dtype, f"tiled R={R} K={K} {v}:2:{m} T={T}")
-    with pytest.raises(ValueError, match="stream order"):
-        ops._spmm_cuda(x, p.values, p.columns, p.meta, None, v, m, R, config="ring_n1r1selt")
 
 
 def test_prefill_uses_kt_kernel():

@@ -8,7 +8,7 @@ import logging
 
 from .alias import alias_disabled_by_env, disable_sparsity_config_alias, enable_sparsity_config_alias
 from .config import DEFAULT_TARGETS, VNMConfig
-from .convert import compress
+from .packing import compress
 from .quantizer import VNMHfQuantizer
 
 __all__ = [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["enable_sparsity_config_alias", "disable_sparsity_config_alias", "alias_enabled", "ENV_NO_ALIAS"]
+__all__ = ["enable_sparsity_config_alias", "disable_sparsity_config_alias", "ENV_NO_ALIAS"]
 
 ENV_NO_ALIAS = "VENOM_HF_NO_ALIAS"
 _MARK = "_venom_alias"
@@ -90,10 +90,6 @@ def disable_sparsity_config_alias() -> None:
         current = owner.__dict__.get("from_pretrained")
         if current is not None and getattr(getattr(current, "__func__", None), _MARK, False):
             owner.from_pretrained = raw
-
-
-def alias_enabled() -> bool:
-    return bool(_wrapped)
 
 
 def alias_disabled_by_env() -> bool:

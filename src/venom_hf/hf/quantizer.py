@@ -31,7 +31,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 
 from ..format import VNMFormatError, VNMSpec, make_mask, mask_from_weight, pack, packed_shapes
-from ..modules import VNMMaskedLinear, VNMSparseLinear, pack_mask_bits
+from ..modules import VNMMaskedLinear, VNMSparseLinear, fuse_projections, pack_mask_bits
 from .config import VNMConfig
 from .convert import PACKED_MARKER, dequantize_modules, mark_packed, plan_modules, replace_module
 
@@ -264,6 +264,9 @@ class VNMHfQuantizer(HfQuantizer):
                     module._needs_validation = True
         if any(isinstance(m, VNMSparseLinear) for m in model.modules()):
             mark_packed(model)
+            # inference layers read their siblings' input: q|k|v and gate|up run as one SpMM each (the state
+            # dict and save_pretrained are unchanged; offloaded layers are left unfused)
+            fuse_projections(model)
         self._pending_masks.clear()
         self._failed.clear()
         return model
@@ -282,7 +285,9 @@ class VNMHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        # venom::spmm is a torch.library custom op with a fake implementation, and the fused projections
+        # keep no tensor across calls under tracing: transformers may compile the forward (static cache)
+        return True
 
     # -- saving / dequantizing ------------------------------------------------------------------------
     @torch.no_grad()
@@ -297,3 +302,17 @@ class VNMHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model)
         return model
+
+
+def _ensure_quantizer(model: nn.Module, config: VNMConfig) -> None:
+    """Give a model built outside ``from_pretrained`` (pruned or packed in memory) the config and quantizer
+    attributes that ``save_pretrained`` and ``dequantize`` read."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and not isinstance(getattr(cfg, "quantization_config", None), VNMConfig):
+        cfg.quantization_config = config
+    if getattr(model, "hf_quantizer", None) is None:
+        model.hf_quantizer = VNMHfQuantizer(config, pre_quantized=True)
+        model.is_quantized = True
+        model.quantization_method = config.quant_method
+        if cfg is not None:
+            cfg._is_quantized = True

@@ -283,17 +283,17 @@ def _ensure_context(driver, device_index: int):
         _check_cu(driver, driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
-def alloc_zeroed_words(n: int, stream: int, device_index: int) -> int:
-    """Device memory of ``n`` 32-bit words, zeroed in order on ``stream``, straight from the driver
-    (never freed). For state that outlives any one call, such as the split-K arrival counters: memory
-    from torch's caching allocator taken while a CUDA graph is captured (or while torch.compile's
-    cudagraph trees warm up) belongs to the graph's pool, which refuses tensors that live on after the
-    graph; driver memory is outside every pool. The memset is stream-ordered, so under capture it
-    becomes a graph node (zeroing already-zero counters on replay, which is harmless)."""
+def alloc_zeroed_words(n: int, device_index: int) -> int:
+    """Device memory of ``n`` 32-bit words, zeroed and synchronized, straight from the driver (never freed).
+    For state that outlives any one call, such as the split-K arrival counters: memory from torch's caching
+    allocator taken while a CUDA graph is captured (or while torch.compile's cudagraph trees warm up)
+    belongs to the graph's pool, which refuses tensors that live on after the graph; driver memory is
+    outside every pool. Not allowed during stream capture (the driver refuses allocations then)."""
     _, driver = _import_cuda()
     _ensure_context(driver, device_index)
     ptr = _check_cu(driver, driver.cuMemAlloc(4 * n), "cuMemAlloc")
-    _check_cu(driver, driver.cuMemsetD32Async(ptr, 0, n, driver.CUstream(stream)), "cuMemsetD32Async")
+    _check_cu(driver, driver.cuMemsetD32(ptr, 0, n), "cuMemsetD32")
+    _check_cu(driver, driver.cuCtxSynchronize(), "cuCtxSynchronize")  # zero before any stream uses it
     return int(ptr)
 
 

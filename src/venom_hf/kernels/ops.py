@@ -377,20 +377,42 @@ def transpose_kmajor(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- launch plans
-# Split-K arrival counters of the one-launch stream/ring kernels: one buffer per (device, stream), zero
-# between launches (the last CTA of each row group resets its counter), so consecutive launches on one
-# stream share it and launches on different streams never do. Driver memory (nvrtc.alloc_zeroed_words),
-# never freed: graphs captured with a buffer keep using it.
-_COUNTER_WORDS = 1 << 16
+# Split-K arrival counters of the one-launch stream/ring kernels: zero between launches (the last CTA of each
+# row group resets its counter), so consecutive launches on one stream share a buffer, and launches on
+# different streams never do. The buffers are slices of one arena per device in driver memory
+# (nvrtc.alloc_zeroed_words), never freed: graphs captured with a slice keep using it. The arena is made
+# outside capture (the driver refuses allocations while a stream captures), when a plan that needs counters
+# is made; a stream first seen during capture takes a free slice. Only when there is none (no arena yet, or
+# every slice taken) does a launch take per-call zeroed counters from torch's allocator.
+_SLICE_WORDS = 1 << 14  # 16K row CTAs: a 256K-row layer at 16 rows per CTA
+_ARENA_SLICES = 64
+_ARENAS: dict[int, list[int]] = {}  # device -> [base address, slices handed out]
 _COUNTERS: dict[tuple[int, int], tuple[int, int]] = {}  # (device, stream) -> (address, words)
 
 
-def _counter_buffer(idx: int, stream: int, n: int) -> int:
+def _ensure_arena(idx: int) -> None:
+    if idx not in _ARENAS and not torch.cuda.is_current_stream_capturing():
+        _ARENAS[idx] = [_nvrtc.alloc_zeroed_words(_ARENA_SLICES * _SLICE_WORDS, idx), 0]
+
+
+def _counter_buffer(idx: int, stream: int, n: int) -> int | None:
+    """Address of ``n`` zero counters for launches on ``stream``, or None (the caller allocates per call)."""
     entry = _COUNTERS.get((idx, stream))
-    if entry is None or entry[1] < n:
-        words = max(n, _COUNTER_WORDS)
-        entry = _COUNTERS[(idx, stream)] = (_nvrtc.alloc_zeroed_words(words, stream, idx), words)
-    return entry[0]
+    if entry is not None and entry[1] >= n:
+        return entry[0]
+    if n <= _SLICE_WORDS:
+        _ensure_arena(idx)
+        arena = _ARENAS.get(idx)
+        if arena is not None and arena[1] < _ARENA_SLICES:
+            addr = arena[0] + 4 * _SLICE_WORDS * arena[1]
+            arena[1] += 1
+            _COUNTERS[(idx, stream)] = (addr, _SLICE_WORDS)
+            return addr
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    addr = _nvrtc.alloc_zeroed_words(n, idx)
+    _COUNTERS[(idx, stream)] = (addr, n)
+    return addr
 
 
 class SpmmPlan:
@@ -430,6 +452,7 @@ class SpmmPlan:
             self.smem = cfg.smem_bytes(m, 2, steps, T)
             if split > 1:
                 self.ws_numel = split * self.row_ctas * cfg.bm * cfg.bn
+                _ensure_arena(idx)
             ld_in = ldx
         else:
             self.grid = (math.ceil(Rp / cfg.bm), math.ceil(T / cfg.bn), split)
@@ -467,7 +490,11 @@ class SpmmPlan:
             if self.kind == "stream":
                 p.x = xptr
                 if self.split > 1:
-                    p.counters = _counter_buffer(self.idx, stream, self.row_ctas)
+                    cnt = _counter_buffer(self.idx, stream, self.row_ctas)
+                    if cnt is None:  # a capture with no free slice: zeroed counters of this call (graph pool)
+                        counters = torch.zeros(self.row_ctas, dtype=torch.int32, device=self.device)
+                        cnt = counters.data_ptr()
+                    p.counters = cnt
                 self.main.launch(self.grid, self.block, self.smem, stream, self.p_args)
                 return y
             if self.transpose is not None:

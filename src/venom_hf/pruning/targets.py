@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 
 from ..format import VNMSpec
+from ..hf.names import DEFAULT_IGNORE, match_any
 
-__all__ = ["find_targets", "DEFAULT_IGNORE", "install_mask", "get_mask", "set_submodule"]
-
-# Heads, poolers and embeddings stay dense by default (as in the original recipes, which prune only the
-# encoder's Q, K, V, attention-output, intermediate and output Linears).
-DEFAULT_IGNORE = ("re:(^|\\.)(lm_head|classifier|pooler|score|qa_outputs|embed\\w*|head|wte|wpe)(\\.|$)",)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
+__all__ = ["find_targets", "DEFAULT_IGNORE", "install_mask", "set_submodule"]
 
 
 def _masked_cls():
@@ -34,10 +23,11 @@ def find_targets(model: nn.Module, targets=None, ignore=None) -> dict[str, nn.Li
     """{name: module} of the Linear layers to prune, in registration (usually forward) order.
 
     ``targets``: None (every ``VNMMaskedLinear`` if the model has some, else every ``nn.Linear``), or a
-    list of module names / name suffixes / ``"re:<regex>"`` patterns. ``ignore`` (default
-    :data:`DEFAULT_IGNORE`) removes matches, also from explicit targets.
+    list of module names / name suffixes / ``"re:<regex>"`` patterns, the syntax of ``VNMConfig``
+    (``venom_hf.hf.names``). Matches of ``ignore`` and of :data:`DEFAULT_IGNORE` (heads, classifiers, poolers,
+    embeddings) are removed, also from explicit targets: the same selection as ``VNMConfig.is_target``.
     """
-    ignore = DEFAULT_IGNORE if ignore is None else tuple(ignore)
+    ignore = () if ignore is None else ([ignore] if isinstance(ignore, str) else tuple(ignore))
     if isinstance(targets, str):
         targets = [targets]
     masked = _masked_cls()
@@ -46,10 +36,10 @@ def find_targets(model: nn.Module, targets=None, ignore=None) -> dict[str, nn.Li
         if masked is not None and any(isinstance(m, masked) for m in linears.values()):
             linears = {n: m for n, m in linears.items() if isinstance(m, masked)}
     else:
-        linears = {n: m for n, m in linears.items() if any(_matches(n, p) for p in targets)}
-    out = {n: m for n, m in linears.items() if not any(_matches(n, p) for p in ignore)}
+        linears = {n: m for n, m in linears.items() if match_any(n, targets)}
+    out = {n: m for n, m in linears.items() if not match_any(n, ignore) and not match_any(n, DEFAULT_IGNORE)}
     if not out:
-        raise ValueError(f"no Linear layer to prune (targets={targets}, ignore={list(ignore)})")
+        raise ValueError(f"no Linear layer to prune (targets={targets}, ignore={list(ignore)} + DEFAULT_IGNORE)")
     return out
 
 
@@ -75,10 +65,3 @@ def install_mask(model: nn.Module, name: str, module: nn.Linear, mask: torch.Ten
         return new
     module.weight.mul_(mask.to(module.weight.device, module.weight.dtype))
     return module
-
-
-def get_mask(module: nn.Linear) -> torch.Tensor | None:
-    masked = _masked_cls()
-    if masked is not None and isinstance(module, masked):
-        return module.mask
-    return None

@@ -15,7 +15,7 @@ _DESCRIPTION = (
     "  demo   the main job: prune the embedded MiniLM, pack, save/reload, compare outputs and speed\n"
     "  prune  one-shot V:N:M pruning of a checkpoint (packed or dense)\n"
     "  eval   perplexity (causal LM) or BBC News accuracy (classifier)\n"
-    "  bench  kernel (SpMM, needs a CUDA GPU) or model benchmarks\n"
+    "  bench  benchmarks: kernel (SpMM, needs a CUDA GPU), model, e2e, multi-gpu, generate\n"
     "`optimum-cli venom COMMAND --help` shows each command's options."
 )
 
