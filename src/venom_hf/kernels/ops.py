@@ -8,6 +8,10 @@ canonical tensors of docs/format.md (no weight re-layout, no cache of derived te
 * prefill (>= 65 tokens): one K-major copy of the activations per call (x^T) + the kt gather kernel.
 Everything else (CPU, fp32, compute capability < 8.0, no NVRTC, V not a multiple of 16, ...) runs the
 reference of venom_hf.format (unpack + F.linear).
+
+Each call shape becomes a ``SpmmPlan`` (config, grids, argument structs with the weight pointers), memoized
+here for the op and cached per layer by ``VNMSparseLinear`` for its eager fast path, so a decode call costs
+one output allocation and one ctypes ``cuLaunchKernel`` of host time.
 """
 
 from __future__ import annotations

@@ -1,0 +1,227 @@
+"""CPU tests of ``python -m venom_hf.bench.generate``: a tiny end-to-end run whose sparse tokens are checked
+against a dense model holding the same (unpacked) sparse weights, and the profile arithmetic on intervals
+with a known answer."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import venom_hf
+from venom_hf.bench import generate as bench
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------- profile splitting
+def test_interval_union_counts_overlaps_once():
+    assert bench.interval_union([]) == 0
+    assert bench.interval_union([(0, 1), (0.5, 2), (3, 4), (3.5, 3.6), (5, 5)]) == pytest.approx(3.0)
+    assert bench.interval_union([(2, 3), (0, 10)]) == pytest.approx(10.0)  # unsorted, nested
+
+
+def test_split_gpu_time_known_partition():
+    kernels = [
+        ("nvjet_tst_128x64_64x8_bf16_gemm", 0.0, 2.0),  # projection
+        ("triton_red_fused_rms_norm_0", 1.5, 3.0),  # other, overlaps the GEMM by 0.5
+        ("void spatha_spmm_stream<64, 8>(SpmmParams)", 2.5, 4.0),  # projection, overlaps the norm
+        ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", 5.0, 6.0),  # attention despite "cutlass": other
+        ("Memcpy DtoD (Device -> Device)", 6.0, 6.5),  # other
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", 8.0, 9.0),  # projection (lm_head GEMMs look the same)
+        ("internal::gemvx::kernel<bf16>", 8.5, 9.5),  # projection, overlapping the previous one
+    ]
+    s = bench.split_gpu_time(kernels, wall=10.0)
+    # projection: [0,2] + [2.5,4] + [8,9.5] = 5; busy: [0,4] + [5,6.5] + [8,9.5] = 7
+    assert s["projection"] == pytest.approx(5.0)
+    assert s["busy"] == pytest.approx(7.0)
+    assert s["other"] == pytest.approx(2.0)
+    assert s["idle"] == pytest.approx(3.0)
+    assert s["projection"] + s["other"] + s["idle"] == pytest.approx(s["wall"])
+    assert s["kernels"] == len(kernels)
+
+
+@pytest.mark.parametrize("name,proj", [
+    ("void spatha_spmm_ring<1, 1>(SpmmParams)", True),
+    ("spatha_splitk_reduce", True),
+    ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x3_tn", True),
+    ("nvjet_hsh_64x8_64x16_4x1_v_bz_splitK_TNT", True),
+    ("void cusparselt::sm90_sparse_gemm<bf16>", True),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", False),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma", False),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", False),
+    ("triton_poi_fused_add_cat_mul_silu_3", False),
+])
+def test_projection_kernel_names(name, proj):
+    assert bench.is_projection_kernel(name) is proj
+
+
+def test_amdahl_bounds():
+    b = bench.amdahl_bounds({"projection_ms": 6.0, "other_ms": 3.0, "idle_ms": 1.0}, byte_ratio=0.25)
+    assert b["projection_share"] == pytest.approx(0.6)
+    assert b["bound_projection_zero"] == pytest.approx(10 / 4)
+    assert b["bound_by_bytes"] == pytest.approx(10 / 5.5)
+
+
+def test_profile_decode_runs_on_cpu_events():
+    """The profile path end to end with CPU activities (no GPU kernels: everything is idle, nothing breaks)."""
+    from torch.profiler import ProfilerActivity
+
+    model = bench.build_model("smollm2-135m", True, CPU, torch.float32)
+    prompt = bench.make_prompt(model.config.vocab_size, 1, 8, 0, CPU)
+    cache = bench.new_static_cache(model, 8 + 4)
+    bench.greedy(model, prompt, 2, cache)
+    p = bench.profile_decode(model, cache, prompt, 2, 4, activities=[ProfilerActivity.CPU])
+    st = p["per_step_ms"]
+    assert set(st) == {"wall_ms", "projection_ms", "other_ms", "idle_ms", "busy_ms", "kernels_per_step"}
+    assert st["projection_ms"] == st["other_ms"] == st["kernels_per_step"] == 0
+
+
+# ---------------------------------------------------------------------------------------- weight bytes
+def test_weight_bytes_counts_tied_and_packed_storage_once():
+    model = bench.build_model("smollm2-135m", True, CPU, torch.float32)  # tied embeddings
+    wb = bench.weight_bytes(model)
+    dense_proj = sum(model.get_submodule(n).weight.numel() * 4 for n in bench.projection_names(model))
+    assert wb["projections"] == dense_proj
+    assert wb["lm_head"] == model.config.vocab_size * model.config.hidden_size * 4
+    assert wb["total"] == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    bench.apply_format(model, "64:2:8")
+    packed = [m for m in model.modules() if isinstance(m, venom_hf.VNMSparseLinear)]
+    assert len(packed) == len(bench.projection_names(model)) == 14
+    wb2 = bench.weight_bytes(model)
+    # the fused groups' views of one concatenation are each counted once, as their own tensors
+    own = sum(t.numel() * t.element_size() for m in packed for t in [*m.parameters(), *m.buffers()])
+    assert wb2["projections"] == own
+    assert wb2["projections"] < 0.4 * dense_proj
+
+
+# -------------------------------------------------------------------------------------- the whole run
+def _dense_reference(model: nn.Module) -> nn.Module:
+    """The packed layers as plain nn.Linear holding their unpacked (zeros-baked) sparse weights."""
+    venom_hf.unfuse_projections(model)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, venom_hf.VNMSparseLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod.to_linear())
+    assert not any(isinstance(m, venom_hf.VNMSparseLinear) for m in model.modules())
+    return model
+
+
+def test_tiny_run_writes_results_and_sparse_tokens_match_masked_dense(tmp_path):
+    out = str(tmp_path)
+    bench.main(["--tiny", "--models", "smollm2-135m", "--formats", "dense", "64:2:8", "--modes", "prefill",
+                "eager", "--batches", "1", "--new-tokens", "2", "4", "--prefill", "1x16", "--out", out])
+    with open(os.path.join(out, "generate_cpu.json")) as f:
+        res = json.load(f)
+    for k in ("card", "torch", "transformers", "venom_hf", "dtype", "settings", "models", "elapsed_s"):
+        assert k in res, k
+    assert res["card"] == "cpu" and res["dtype"] == "float32"
+    formats = res["models"]["smollm2-135m"]["formats"]
+    assert list(formats) == ["dense", "64:2:8"]
+    for fmt, f in formats.items():
+        assert "error" not in f, f
+        pre = f["prefill"]["1x16"]
+        assert pre["ms"] > 0 and len(pre["times_ms"]) == 3 and all(t > 0 for t in pre["times_ms"])
+        dec = f["eager"]["b1"]
+        assert "error" not in dec, dec
+        assert len(dec["t_L1_s"]) == len(dec["t_L2_s"]) == 3
+        assert all(t > 0 for t in dec["t_L1_s"] + dec["t_L2_s"])
+        # tokens/s comes from the time difference of the two lengths; on a busy CPU it can be noise only
+        assert dec["tok_s"] is None or dec["tok_s"] > 0
+        assert len(dec["tokens"]) == 1 and len(dec["tokens"][0]) == 4
+        assert f["weight_bytes"]["total"] > 0
+    assert formats["64:2:8"]["layers"] == {"VNMSparseLinear": 14}
+    assert formats["64:2:8"]["weight_bytes"]["projections"] < formats["dense"]["weight_bytes"]["projections"]
+
+    with open(os.path.join(out, "generate_cpu.md")) as f:
+        md = f.read()
+    assert "| format | prefill 1x16 ms | eager b1 tok/s | peak memory | weights (projections) |" in md
+    assert "| 64:2:8 | " in md
+    assert os.path.getsize(os.path.join(out, "generate_cpu.png")) > 0
+
+    # the packed model's greedy tokens == those of a dense model with the same sparse weights
+    ref = bench.build_model("smollm2-135m", True, CPU, torch.float32, seed=res["settings"]["seed"])
+    bench.apply_format(ref, "64:2:8")
+    ref = _dense_reference(ref)
+    prompt = bench.make_prompt(ref.config.vocab_size, 1, res["settings"]["prompt_len"], res["settings"]["seed"], CPU)
+    with torch.no_grad():
+        tokens = bench.greedy(ref, prompt, 4)[:, prompt.shape[1]:].tolist()
+    assert tokens == formats["64:2:8"]["eager"]["b1"]["tokens"]
+
+
+def test_static_mode_and_budget_skip(tmp_path):
+    out = str(tmp_path)
+    res = bench.main(["--tiny", "--models", "gemma3-270m", "--formats", "dense", "2:4", "--modes", "static",
+                      "--batches", "2", "--new-tokens", "2", "3", "--prompt-len", "20", "--repeats", "1",
+                      "--out", out])
+    f = res["models"]["gemma3-270m"]["formats"]
+    run = f["dense"]["static"]["b2"]
+    assert "error" not in run, run
+    assert len(run["tokens"]) == 2 and len(run["tokens"][0]) == 3  # sliding window 16 < prompt + 3: wraps
+    assert f["2:4"]["skipped"].startswith("2:4 runs on cuSPARSELt")
+    # a spent budget skips the work but still writes the files
+    res = bench.main(["--tiny", "--models", "smollm2-135m", "--formats", "dense", "--modes", "prefill",
+                      "--prefill", "1x8", "--budget-s", "1e-9", "--out", out])
+    assert res["models"]["smollm2-135m"]["formats"]["dense"] == {"skipped": "budget"}
+    assert os.path.exists(os.path.join(out, "generate_cpu.md"))
+
+
+def test_markdown_and_plot_of_a_gpu_shaped_result(tmp_path):
+    """The tables, the profile table and the Amdahl lines from a hand-made result with known numbers."""
+    gib = 2**30
+    settings = {"models": ["llama3-8b"], "formats": ["dense", "64:2:8", "2:4"], "modes": ["prefill", "static"],
+                "batches": [1], "new_tokens": [8, 40], "prompt_len": 32, "prefill": ["1x2048"], "repeats": 3,
+                "tiny": False}
+    step = {"wall_ms": 10.0, "projection_ms": 6.0, "other_ms": 3.0, "idle_ms": 1.0, "busy_ms": 9.0,
+            "kernels_per_step": 500}
+    formats = {
+        "dense": {"weight_bytes": {"total": 16 * gib, "projections": 13 * gib, "lm_head": 1 * gib},
+                  "prefill": {"1x2048": {"ms": 60.0, "peak_mem_bytes": 18 * gib}},
+                  "static": {"b1": {"tok_s": 100.0, "compiled": True, "recompiles": 0}},
+                  "profile": {"per_step_ms": step, "unprofiled_step_ms": 9.5}},
+        "64:2:8": {"weight_bytes": {"total": 6 * gib, "projections": 3 * gib, "lm_head": 1 * gib},
+                   "prefill": {"1x2048": {"ms": 80.0}},
+                   "static": {"b1": {"tok_s": 150.0, "compiled": True, "recompiles": 2}}},
+        "2:4": {"weight_bytes": {"total": 10 * gib, "projections": 7 * gib, "lm_head": 1 * gib},
+                "prefill": {"1x2048": {"error": "RuntimeError: boom"}},
+                "static": {"b1": {"skipped": "budget"}}},
+    }
+    res = {"card": "NVIDIA H200", "card_slug": "nvidia_h200", "device": "cuda", "torch": "2.11", "transformers": "5.17",
+           "venom_hf": "0.1.0", "dtype": "bfloat16", "settings": settings,
+           "models": {"llama3-8b": {"shape": "32 layers", "formats": formats}}}
+    bench._amdahl(res["models"]["llama3-8b"])
+    am = res["models"]["llama3-8b"]["amdahl"]
+    assert am["bound_projection_zero"] == pytest.approx(2.5)
+    b = am["formats"]["64:2:8"]
+    assert b["byte_ratio"] == pytest.approx(4 / 14)
+    assert b["bound_by_bytes"] == pytest.approx(10 / (4 + 6 * 4 / 14))
+    assert b["measured_static_b1"] == pytest.approx(1.5)
+    md = bench.markdown(res)
+    assert "| 64:2:8 | 80.0 (0.75x) | 150 (1.50x) | - | 6.00 GiB (3.00 GiB) |" in md
+    assert "| 2:4 | error | skipped |" in md and "- 2:4 prefill 1x2048: RuntimeError: boom" in md
+    assert "- 64:2:8 static b1: 2 dynamo recompiles after warm-up" in md
+    assert "| dense | 10.000 (9.500) | 6.000 (60%) | 3.000 (30%) | 1.000 (10%) | 500 |" in md
+    assert "projection time -> 0 gives at most 2.50x dense" in md
+    bench.plot(res, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = bench.time_prefill
+
+    def flaky(model, batch, seq, repeats, seed):
+        if any(isinstance(m, venom_hf.VNMSparseLinear) for m in model.modules()):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(model, batch, seq, repeats, seed)
+
+    monkeypatch.setattr(bench, "time_prefill", flaky)
+    res = bench.main(["--tiny", "--models", "smollm2-135m", "--formats", "64:2:8", "dense", "--modes", "prefill",
+                      "--prefill", "1x8", "--repeats", "1", "--out", str(tmp_path)])
+    f = res["models"]["smollm2-135m"]["formats"]
+    err = f["64:2:8"]["prefill"]["1x8"]
+    assert err["error"] == "RuntimeError: CUDA out of memory (simulated)" and "in flaky" in err["where"]
+    assert f["dense"]["prefill"]["1x8"]["ms"] > 0
+    with open(tmp_path / "generate_cpu.json") as fh:
+        assert json.load(fh)["models"]["smollm2-135m"]["formats"]["64:2:8"]["prefill"]["1x8"]["error"]
