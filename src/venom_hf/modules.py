@@ -89,10 +89,6 @@ def _dispatch_modes_active() -> bool:
 _MAX_PLANS = 16
 
 
-def _plan_key(x: torch.Tensor):
-    return (x.shape, x.dtype)
-
-
 def _fast_spmm(plans: dict, x: torch.Tensor, values, columns, meta, bias):
     """The output through a cached launch plan, or None when the call must take the op."""
     entry = plans.get((x.shape, x.dtype))

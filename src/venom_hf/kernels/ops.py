@@ -434,7 +434,6 @@ class SpmmPlan:
         Rp, Gp = values.shape[0], values.shape[1]
         self.T, self.R, self.dtype, self.idx = T, R, dtype, idx
         self.device = torch.device("cuda", idx)
-        self.out_rows = T
         self.kind = "stream" if cfg.kernel in ("stream", "ring") else cfg.kernel
         self.split = split
         self.cfg = cfg
