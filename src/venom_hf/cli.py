@@ -122,7 +122,7 @@ def cmd_prune(args) -> int:
 
     spec = VNMSpec.parse(args.spec)
     if args.format == "packed" and not spec.packable:
-        raise CLIError(f"--format packed needs a V:2:M spec (the sparse tensor cores run 2:4), got {spec}; "
+        raise CLIError(f"--format packed needs a V:2:M spec (2:4 is what the sparse tensor cores execute), got {spec}; "
                        "use --format dense for N > 2")
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"--out {args.out!r} exists and is not empty (pass --overwrite to write into it)")

@@ -66,13 +66,8 @@ def _is_meta(t: torch.Tensor | None) -> bool:
 def _check_layer_input(x, weight: torch.Tensor, in_features: int, layer: str) -> None:
     """nn.Linear's input checks with errors that name the layer (kernels.ops.check_input); under autocast
     the dtype is autocast's business, as for nn.Linear."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != weight.dtype \
-            and torch.is_autocast_enabled(x.device.type):
-        _ops.check_input(x, x, in_features, layer)  # width and device only
-        if x.device != weight.device:
-            raise ValueError(f"{layer}: the input is on {x.device}, the weight on {weight.device}")
-        return
-    _ops.check_input(x, weight, in_features, layer)
+    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    _ops.check_input(x, weight, in_features, layer, match_dtype=not autocast)
 
 
 def _dispatch_modes_active() -> bool:

@@ -121,25 +121,13 @@ def projection_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n.rpartition(".")[2] in PROJECTIONS]
 
 
-def to_semi_structured(model: nn.Module) -> nn.Module:
-    """The stock 50 % path: projection weights as cuSPARSELt 2:4 tensors (magnitude 2:4 mask)."""
-    import venom_hf
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
-
-    SparseSemiStructuredTensor._FORCE_CUTLASS = False  # cuSPARSELt, not the CUTLASS fallback
-    for name in projection_names(model):
-        mod = model.get_submodule(name)
-        w = mod.weight.detach()
-        mask = venom_hf.make_mask(w, "1:2:4")
-        mod.weight = nn.Parameter(to_sparse_semi_structured(w * mask), requires_grad=False)
-    return model
-
-
 def apply_format(model: nn.Module, fmt: str) -> nn.Module:
     """``fmt`` in place: "dense" (unchanged), "2:4" (cuSPARSELt) or a V:2:M spec through the public API."""
     if fmt == "dense":
         return model
     if fmt == "2:4":
+        from .models import to_semi_structured  # the 2:4 path of the model benchmark, same targets
+
         return to_semi_structured(model)
     import venom_hf
 

@@ -576,10 +576,11 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
 
 
 # --------------------------------------------------------------------------------------------- input checks
-def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, layer: str) -> None:
+def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, layer: str,
+                match_dtype: bool = True) -> None:
     """The checks ``nn.Linear`` makes, with messages that name the layer and the numbers; the same on every
-    device. ``in_features`` None (a bare ``spmm`` call, which only knows the padded width): the last dimension
-    must fall in the weight's last k-step of 8 column groups."""
+    device. ``in_features`` None: only a bare ``spmm`` call, which checks the padded width itself.
+    ``match_dtype`` False (autocast): any floating dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{layer}: the input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
@@ -592,7 +593,7 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, 
     if not x.is_floating_point():
         raise TypeError(f"{layer}: the input has dtype {x.dtype}; a floating-point input is needed (the weight is "
                         f"{weight.dtype})")
-    if x.dtype != weight.dtype:
+    if match_dtype and x.dtype != weight.dtype:
         raise TypeError(f"{layer}: the input has dtype {x.dtype}, the weight {weight.dtype}; cast one of them "
                         f"(x.to({weight.dtype}) or model.to({x.dtype})), as nn.Linear needs")
     if x.device != weight.device:
