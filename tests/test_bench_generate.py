@@ -151,6 +151,34 @@ def test_tiny_run_writes_results_and_sparse_tokens_match_masked_dense(tmp_path):
     assert tokens == formats["64:2:8"]["eager"]["b1"]["tokens"]
 
 
+def test_prefill_and_eager_rounds_alternate_over_formats(tmp_path, capsys):
+    """Interleaved cells: every format gets one timed repeat per round, rounds in alternating format order,
+    merged into one result per cell; --sequential keeps the per-format order and the same result fields."""
+    args = ["--tiny", "--models", "smollm2-135m", "--formats", "dense", "64:2:16", "--modes", "prefill", "eager",
+            "--batches", "2", "--new-tokens", "1", "2", "--prefill", "1x8", "--repeats", "3"]
+    res = bench.main(args + ["--out", str(tmp_path / "a")])
+    log = [ln for ln in capsys.readouterr().err.splitlines() if "(round" in ln]
+    eager = [ln.split("] ")[1] for ln in log if " eager b2 " in ln]
+    assert eager == ["smollm2-135m dense eager b2 (round 1)", "smollm2-135m 64:2:16 eager b2 (round 1)",
+                     "smollm2-135m 64:2:16 eager b2 (round 2)", "smollm2-135m dense eager b2 (round 2)",
+                     "smollm2-135m dense eager b2 (round 3)", "smollm2-135m 64:2:16 eager b2 (round 3)"]
+    seq = bench.main(args + ["--sequential", "--out", str(tmp_path / "b")])
+    assert not any("(round" in ln for ln in capsys.readouterr().err.splitlines())
+    for r in (res, seq):
+        for fmt, f in r["models"]["smollm2-135m"]["formats"].items():
+            dec, pre = f["eager"]["b2"], f["prefill"]["1x8"]
+            assert len(dec["t_L1_s"]) == len(dec["t_L2_s"]) == 3 and len(pre["times_ms"]) == 3
+            assert pre["ms"] == sorted(pre["times_ms"])[1]
+            t1, t2 = sorted(dec["t_L1_s"])[1], sorted(dec["t_L2_s"])[1]
+            assert dec["step_ms"] == (pytest.approx((t2 - t1) * 1e3) if t2 > t1 else None)
+            assert len(dec["tokens"]) == 2 and len(dec["tokens"][0]) == 2
+    # the same weights and prompts: the same greedy tokens either way
+    for fmt in ("dense", "64:2:16"):
+        assert (res["models"]["smollm2-135m"]["formats"][fmt]["eager"]["b2"]["tokens"]
+                == seq["models"]["smollm2-135m"]["formats"][fmt]["eager"]["b2"]["tokens"])
+    assert res["models"]["smollm2-135m"]["formats"]["dense"]["eager"]["b2"]["rounds"] == 3
+
+
 def test_static_mode_and_budget_skip(tmp_path):
     out = str(tmp_path)
     res = bench.main(["--tiny", "--models", "gemma3-270m", "--formats", "dense", "2:4", "--modes", "static",

@@ -1,4 +1,4 @@
-"""``venom-hf`` command line: ``demo`` (the README's main job), ``prune``, ``eval`` and ``bench``.
+"""``venom-hf`` command line: ``demo`` (the README's main job), ``prune``, ``eval``, ``bench`` and ``tune``.
 
 Every command has ``--help``. Mistakes a user can make (a bad V:N:M spec, a missing path, a model of the
 wrong kind, no GPU for the kernel benchmark) print one ``venom-hf: error: ...`` line and exit with code 2,
@@ -272,25 +272,43 @@ def cmd_bench(args) -> int:
             raise CLIError("the kernel benchmark needs a CUDA GPU (NVIDIA sm_80+; it times the Spatha kernel "
                            "against cuBLAS and cuSPARSELt) and torch sees none. `venom-hf bench model` runs on "
                            "CPU too (dense vs packed reference path)")
-    name = f"venom_hf.bench.{BENCHMARKS[args.what][0]}"
+    return _run_bench_module(BENCHMARKS[args.what][0], rest, f"{getattr(args, 'prog', PROG)} bench {args.what}")
+
+
+def _run_bench_module(module_name: str, rest: list[str], prog: str) -> int:
+    name = f"venom_hf.bench.{module_name}"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
         raise CLIError(f"{name} is not part of this venom_hf installation") from None
-    prog = f"{getattr(args, 'prog', PROG)} bench {args.what}"
     old_argv = sys.argv
-    sys.argv = [prog, *rest]  # the benchmark's argparse names itself after argv[0] in its usage line
+    sys.argv = [prog, *rest]  # the module's argparse names itself after argv[0] in its usage line
     try:
         return int(module.main(rest) or 0)
-    except SystemExit as e:  # argparse --help / usage errors inside the benchmark
+    except SystemExit as e:  # argparse --help / usage errors inside the module
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
             return 1
         return 0 if e.code is None else int(e.code)
     finally:
         sys.argv = old_argv
+
+
+def cmd_tune(args) -> int:
+    """Time every shipped tile config on this GPU for a model's layer shapes and write the dispatch table
+    that the kernels read at run time (venom_hf.bench.tune)."""
+    rest = list(args.args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    if not any(a in ("-h", "--help") for a in rest):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError("tuning times the Spatha kernels on a CUDA GPU (NVIDIA sm_80+), and torch sees none; "
+                           "without a table the kernels use their built-in heuristic")
+    return _run_bench_module("tune", rest, f"{getattr(args, 'prog', PROG)} tune")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -362,13 +380,20 @@ def add_commands(sub) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=cmd_bench)
 
+    # add_help=False: --help goes on to venom_hf.bench.tune, whose parser lists the options
+    p = sub.add_parser("tune", add_help=False,
+                       help="measure the kernels' tile configs on this GPU and write its dispatch table",
+                       description=cmd_tune.__doc__)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for venom_hf.bench.tune")
+    p.set_defaults(func=cmd_tune)
+
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="V:N:M (VENOM) sparsity for Hugging Face Transformers. V:N:M counts kept weights: "
         "64:2:8 keeps 2 of every 8 (75% sparse).",
         epilog="Each command has --help. Exit codes: 0 ok, 2 usage or input error.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prune,eval,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prune,eval,bench,tune}")
     add_commands(sub)
     return parser
 
@@ -392,7 +417,12 @@ def run_command(args) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "tune":  # tune hands everything after its name to venom_hf.bench.tune
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args = extra + list(args.args)
     args.prog = prog
     return run_command(args)
 

@@ -16,6 +16,11 @@ Per model and format it measures
   one decode step into projection GEMM/SpMM time, other GPU kernels and GPU idle, and the Amdahl bounds it
   implies for the sparse formats.
 
+All formats of a model are built first and stay in memory (``--sequential``: one at a time): prefill and
+eager decode are host-sensitive, so their ``--repeats`` are rounds over all formats in alternating order,
+and a drift of the machine's speed during the run reaches every format alike. Static-cache cells then run
+one format at a time.
+
 Writes ``generate_<card>.json`` / ``.md`` / ``.png`` into ``--out`` after every format, so a run that is
 stopped still leaves its results, and prints the markdown at the end. A failing cell (e.g. 2:4 under
 torch.compile) is recorded with its error and the run goes on; ``--budget-s`` skips what would not fit.
@@ -690,7 +695,12 @@ def _parse_args(argv):
                     help="the two generation lengths whose time difference gives decode tokens/s")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill", nargs="+", default=["1x2048", "8x512"], help="prefill shapes BATCHxSEQ")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed repeats per measurement (after one warm-up); prefill and eager cells run them as "
+                         "rounds over all formats, alternating the order")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one format's model in memory at a time, all its cells in a row (for GPUs without room "
+                         "for every format at once; host-speed drift then favours some formats)")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 128, vocab 512: a CPU smoke test")
     ap.add_argument("--out", default="out/generate")
     ap.add_argument("--profile", nargs="*", default=list(DEFAULT_PROFILE), metavar="MODEL:FORMAT",
@@ -772,6 +782,7 @@ def main(argv=None) -> dict:
                                                           "head_dim", "sliding_window", "layer_types",
                                                           "tie_word_embeddings")},
             "formats": {}}
+        models: dict[str, nn.Module] = {}
         for fmt in args.formats:
             f = m["formats"][fmt] = {}
             if fmt == "2:4" and not cuda:
@@ -780,34 +791,33 @@ def main(argv=None) -> dict:
             if not budget.allows():
                 f["skipped"] = "budget"
                 continue
-            model = None
-            _reset_compiled_state(device)
-            _free(device)
-            try:
-                _log(budget, f"{key} {fmt}: building")
-                t0 = time.perf_counter()
-                model = build_model(key, args.tiny, device, dtype, args.seed)
-                f["build_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                apply_format(model, fmt)
-                f["convert_s"] = time.perf_counter() - t0
-                _free(device)
-                f["weight_bytes"] = weight_bytes(model)
-                f["layers"] = layer_counts(model)
-            except Exception as e:  # noqa: BLE001 - record, go on with the next format
-                f.update(_error(e))
-            if "error" in f:
-                # outside the except block, so that the traceback's frames no longer hold the tensors
-                _log(budget, f"{key} {fmt}: failed to build: {f['error']}")
-                model = None
-                _free(device)
+            model = _build_format(key, fmt, f, args, budget, device, dtype)
+            if model is None:
                 write_outputs(res, args.out, with_plot=False)
                 continue
-            _run_format(model, key, fmt, f, args, budget, estimates, device)
-            model = None
-            _free(device)
-            _amdahl(m)
+            if args.sequential:
+                _run_format(model, key, fmt, f, args, budget, estimates, device, args.modes)
+                model = None
+                _free(device)
+                _amdahl(m)
+                write_outputs(res, args.out, with_plot=False)
+            else:
+                models[fmt] = model
+                model = None
+        if models:
+            # prefill and eager decode are timed in rounds over all formats (each round in the other order),
+            # so that a drift of the host's speed during the run (eager decode is host-bound) reaches every
+            # format alike; the static cells then run one format at a time (each compiles its own graphs)
+            _run_interleaved(models, key, m, args, budget, estimates, device)
             write_outputs(res, args.out, with_plot=False)
+            for fmt in list(models):
+                if "static" in args.modes:
+                    _run_format(models[fmt], key, fmt, m["formats"][fmt], args, budget, estimates, device,
+                                ("static",))
+                del models[fmt]
+                _free(device)
+                _amdahl(m)
+                write_outputs(res, args.out, with_plot=False)
         write_outputs(res, args.out)
     md = write_outputs(res, args.out)
     _log(budget, f"done; files in {args.out}")
@@ -815,39 +825,137 @@ def main(argv=None) -> dict:
     return {k: v for k, v in res.items() if not k.startswith("_")}
 
 
-def _run_format(model, key, fmt, f, args, budget, estimates, device) -> None:
+def _build_format(key, fmt, f, args, budget, device, dtype):
+    """The model of one format (None when it fails to build: the error is recorded in ``f``)."""
+    model = None
+    _reset_compiled_state(device)
+    _free(device)
+    try:
+        _log(budget, f"{key} {fmt}: building")
+        t0 = time.perf_counter()
+        model = build_model(key, args.tiny, device, dtype, args.seed)
+        f["build_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        apply_format(model, fmt)
+        f["convert_s"] = time.perf_counter() - t0
+        _free(device)
+        f["weight_bytes"] = weight_bytes(model)
+        f["layers"] = layer_counts(model)
+    except Exception as e:  # noqa: BLE001 - record, go on with the next format
+        f.update(_error(e))
+    if "error" in f:
+        # outside the except block, so that the traceback's frames no longer hold the tensors
+        _log(budget, f"{key} {fmt}: failed to build: {f['error']}")
+        model = None
+        _free(device)
+    return model
+
+
+def _skipped(key, fmt, mode, sub, args) -> bool:
+    return any(fnmatch.fnmatchcase(f"{key}:{fmt}:{mode}:{sub}", pat) for pat in args.skip)
+
+
+def _estimate(estimates, key, mode, sub) -> float:
+    """The last format's time for this cell of the model; before that, the longest seen for it on any model."""
+    est = estimates.get((key, mode, sub))
+    if est is None:
+        est = max((v for (k2, m2, s2), v in estimates.items() if m2 == mode and s2 == sub), default=0.0)
+    return est
+
+
+def _run_cell(fn, label, budget, device) -> dict:
+    _log(budget, label)
+    t0 = time.perf_counter()
+    try:
+        r = fn()
+    except Exception as e:  # noqa: BLE001 - one failing mode must not stop the others
+        r = _error(e)
+    if "error" in r:  # freed outside the except block, whose traceback holds the failed call's tensors
+        _log(budget, f"{label}: {r['error']}")
+        _free(device)
+    r["cell_s"] = time.perf_counter() - t0
+    return r
+
+
+def _merge_rounds(mode: str, rounds: list[dict]) -> dict:
+    """One cell's result from its interleaved rounds (each a single timed repeat)."""
+    out = dict(rounds[-1])
+    out["rounds"] = len(rounds)
+    out["cell_s"] = sum(r["cell_s"] for r in rounds)
+    peaks = [r["peak_mem_bytes"] for r in rounds if r.get("peak_mem_bytes") is not None]
+    out["peak_mem_bytes"] = max(peaks) if peaks else None
+    if mode == "prefill":
+        out["times_ms"] = [t for r in rounds for t in r["times_ms"]]
+        out["ms"] = statistics.median(out["times_ms"])
+        return out
+    t1s = [t for r in rounds for t in r["t_L1_s"]]
+    t2s = [t for r in rounds for t in r["t_L2_s"]]
+    l1, l2 = out["new_tokens"]
+    batch = len(out["tokens"])
+    dt = statistics.median(t2s) - statistics.median(t1s)
+    out.update(t_L1_s=t1s, t_L2_s=t2s, warmup_s=sum(r["warmup_s"] for r in rounds),
+               tok_s=batch * (l2 - l1) / dt if dt > 0 else None, step_ms=dt / (l2 - l1) * 1e3 if dt > 0 else None)
+    if dt > 0:
+        out.pop("note", None)
+    return out
+
+
+def _run_interleaved(models: dict, key, m, args, budget, estimates, device) -> None:
+    """Prefill and eager cells of every format, ``--repeats`` rounds of one timed repeat per format."""
+    l1, l2 = args.new_tokens
+    cells = []
+    if "prefill" in args.modes:
+        for (b, sq), name in zip(args.prefill_shapes, args.prefill):
+            cells.append(("prefill", name, lambda model, b=b, sq=sq: time_prefill(model, b, sq, 1, args.seed)))
+    if "eager" in args.modes:
+        for b in args.batches:
+            cells.append(("eager", f"b{b}", lambda model, b=b: time_decode(
+                model, "eager", b, args.prompt_len, l1, l2, 1, args.seed)))
+    for mode, sub, fn in cells:
+        active = []
+        for fmt in models:
+            f = m["formats"][fmt]
+            if _skipped(key, fmt, mode, sub, args):
+                f.setdefault(mode, {})[sub] = {"skipped": "--skip"}
+            elif not budget.allows(_estimate(estimates, key, mode, sub) * (len(active) + 1)):
+                f.setdefault(mode, {})[sub] = {"skipped": "budget"}
+            else:
+                active.append(fmt)
+        rounds: dict[str, list[dict]] = {fmt: [] for fmt in active}
+        for r in range(max(1, args.repeats)):
+            for fmt in active if r % 2 == 0 else active[::-1]:
+                if rounds[fmt] and "error" in rounds[fmt][-1]:
+                    continue
+                res = _run_cell(lambda: fn(models[fmt]), f"{key} {fmt} {mode} {sub} (round {r + 1})", budget, device)
+                rounds[fmt].append(res)
+        for fmt in active:
+            failed = [x for x in rounds[fmt] if "error" in x]
+            res = failed[0] if failed else _merge_rounds(mode, rounds[fmt])
+            estimates[(key, mode, sub)] = res["cell_s"]
+            m["formats"][fmt].setdefault(mode, {})[sub] = res
+
+
+def _run_format(model, key, fmt, f, args, budget, estimates, device, modes) -> None:
+    """The cells of ``modes`` for one format, one after the other."""
     l1, l2 = args.new_tokens
 
     def cell(mode, sub, fn):
-        if any(fnmatch.fnmatchcase(f"{key}:{fmt}:{mode}:{sub}", pat) for pat in args.skip):
+        if _skipped(key, fmt, mode, sub, args):
             f.setdefault(mode, {})[sub] = {"skipped": "--skip"}
             return None
-        # the last format's time for this model; before that, the longest seen for this mode on any model
-        est = estimates.get((key, mode, sub))
-        if est is None:
-            est = max((v for (k2, m2, s2), v in estimates.items() if m2 == mode and s2 == sub), default=0.0)
-        if not budget.allows(est):
+        if not budget.allows(_estimate(estimates, key, mode, sub)):
             f.setdefault(mode, {})[sub] = {"skipped": "budget"}
             return None
-        _log(budget, f"{key} {fmt} {mode} {sub}")
-        t0 = time.perf_counter()
-        try:
-            r = fn()
-        except Exception as e:  # noqa: BLE001 - one failing mode must not stop the others
-            r = _error(e)
-        if "error" in r:  # freed outside the except block, whose traceback holds the failed call's tensors
-            _log(budget, f"{key} {fmt} {mode} {sub}: {r['error']}")
-            _free(device)
-        r["cell_s"] = time.perf_counter() - t0
+        r = _run_cell(fn, f"{key} {fmt} {mode} {sub}", budget, device)
         estimates[(key, mode, sub)] = r["cell_s"]
         f.setdefault(mode, {})[sub] = r
         return r
 
-    if "prefill" in args.modes:
-        for (b, s), name in zip(args.prefill_shapes, args.prefill):
-            cell("prefill", name, lambda b=b, s=s: time_prefill(model, b, s, args.repeats, args.seed))
+    if "prefill" in modes:
+        for (b, sq), name in zip(args.prefill_shapes, args.prefill):
+            cell("prefill", name, lambda b=b, sq=sq: time_prefill(model, b, sq, args.repeats, args.seed))
     for mode in ("eager", "static"):
-        if mode not in args.modes:
+        if mode not in modes:
             continue
         for b in args.batches:
             keep = {}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..format import VNMSpec, unpack_tensors
 from . import configs as _cfg
+from . import dispatch as _dispatch
 from . import nvrtc as _nvrtc
 
 
@@ -92,6 +93,16 @@ def _device_info(index: int) -> tuple[str, int, int]:
         info = (f"sm_{p.major}{p.minor}", int(p.multi_processor_count), smem)
         _DEV_INFO[index] = info
     return info
+
+
+_DEV_NAME: dict[int, str] = {}
+
+
+def _device_name(index: int) -> str:
+    name = _DEV_NAME.get(index)
+    if name is None:
+        name = _DEV_NAME[index] = torch.cuda.get_device_name(index)
+    return name
 
 
 def is_available(device=None) -> bool:
@@ -520,7 +531,15 @@ def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, co
     The tensors must be CUDA, contiguous and 16-byte aligned, bias None or of ``dtype``."""
     Rp, Gp = values.shape[0], values.shape[1]
     _, num_sms, max_smem = _device_info(idx)
-    cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config)
+    cfg = None
+    if config is None and not os.environ.get("VENOM_HF_SPMM_CONFIG"):
+        tuned = _dispatch.config_for(_device_name(idx), num_sms, v, m, Rp, Gp, T)
+        if tuned is not None:
+            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, tuned)
+            if cfg is not None and cfg.name != tuned:  # the measured config does not fit this call
+                cfg = None
+    if cfg is None:
+        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config)
     if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
         # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
         cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64")

@@ -16,6 +16,7 @@ _DESCRIPTION = (
     "  prune  one-shot V:N:M pruning of a checkpoint (packed or dense)\n"
     "  eval   perplexity (causal LM) or BBC News accuracy (classifier)\n"
     "  bench  benchmarks: kernel (SpMM, needs a CUDA GPU), model, e2e, multi-gpu, generate\n"
+    "  tune   time the kernels' tile configs on this GPU and write its dispatch table\n"
     "`optimum-cli venom COMMAND --help` shows each command's options."
 )
 
