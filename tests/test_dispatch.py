@@ -211,3 +211,24 @@ def test_plan_follows_its_table_and_matches_the_heuristic_result(tmp_path, monke
             assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
     dispatch.reload()
     ops._PLANS.clear()
+
+
+def test_collect_shapes_from_a_checkpoint_folder_presets_and_explicit_shapes(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1).save_pretrained(
+        tmp_path / "tiny")
+    args = tune._parse_args(["--model", str(tmp_path / "tiny"), "--preset", "encoder", "--shapes", "256x256",
+                             "768x768"])
+    shapes = tune.collect_shapes(args)
+    got = sorted(shapes.values())
+    # each (R, K) once, whoever named it first
+    assert got == sorted({(256, 256), (64, 256), (512, 256), (256, 512), (384, 256), (1024, 256),
+                          (768, 768), (3072, 768), (768, 3072), (2304, 768)})
+    assert shapes["tiny q"] == (256, 256) and "256x256" not in shapes
+    with pytest.raises(SystemExit, match="RxK"):
+        tune.collect_shapes(tune._parse_args(["--shapes", "4096by4096"]))
+    with pytest.raises(SystemExit, match="unknown preset"):
+        tune.collect_shapes(tune._parse_args(["--preset", "gpt5"]))
+    with pytest.raises(SystemExit, match="cannot read"):
+        tune.collect_shapes(tune._parse_args(["--model", str(tmp_path / "missing")]))

@@ -11,7 +11,8 @@ Per model and format it measures
 * decode tokens/s of greedy ``model.generate()``, eager (default dynamic cache) and with a static cache
   (transformers compiles the forward itself when the model allows it), batch 1 and 8, from the difference
   of two generation lengths: ``batch * (L2 - L1) / (t(L2) - t(L1))``, which cancels prefill and set-up;
-* peak GPU memory per mode and the weight bytes (projections and lm_head separately);
+* peak GPU memory per mode (the model's weights + what the cell allocated) and the weight bytes (projections
+  and lm_head separately);
 * for selected cells (default: llama3-8b dense and 64:2:8, static cache, batch 1) a torch.profiler split of
   one decode step into projection GEMM/SpMM time, other GPU kernels and GPU idle, and the Amdahl bounds it
   implies for the sparse formats.
@@ -207,13 +208,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _reset_peak(device: torch.device) -> int:
+    """Start a peak-memory window; returns the bytes allocated now (the other formats' models included)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(torch.cuda.memory_allocated(device))
 
 
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+def _peak(device: torch.device, base: int, model: nn.Module) -> int | None:
+    """Peak GPU memory of this model's cell: its own weights plus what the cell allocated above ``base``, so
+    that the models of the other formats, resident in the same process, are not counted."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device)) - base + weight_bytes(model)["total"]
 
 
 def make_prompt(vocab: int, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -226,7 +234,7 @@ def make_prompt(vocab: int, batch: int, length: int, seed: int, device: torch.de
 def time_prefill(model: nn.Module, batch: int, seq: int, repeats: int, seed: int) -> dict:
     device = model.device
     ids = make_prompt(model.config.vocab_size, batch, seq, seed, device)
-    _reset_peak(device)
+    base = _reset_peak(device)
     times = []
     for r in range(repeats + 1):  # the first is the warm-up (kernel builds, cuBLAS heuristics, allocator)
         _sync(device)
@@ -235,7 +243,8 @@ def time_prefill(model: nn.Module, batch: int, seq: int, repeats: int, seed: int
         _sync(device)
         if r:
             times.append(time.perf_counter() - t0)
-    return {"ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times], "peak_mem_bytes": _peak(device)}
+    return {"ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times],
+            "peak_mem_bytes": _peak(device, base, model)}
 
 
 def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, cache=None) -> torch.Tensor:
@@ -289,7 +298,7 @@ def time_decode(model: nn.Module, mode: str, batch: int, prompt_len: int, l1: in
     device = model.device
     prompt = make_prompt(model.config.vocab_size, batch, prompt_len, seed, device)
     cache = new_static_cache(model, prompt_len + l2) if mode == "static" else None
-    _reset_peak(device)
+    base = _reset_peak(device)
     c0 = _dynamo_counts()
     _sync(device)
     t0 = time.perf_counter()
@@ -309,7 +318,7 @@ def time_decode(model: nn.Module, mode: str, batch: int, prompt_len: int, l1: in
     dt = statistics.median(t2s) - statistics.median(t1s)
     res = {"tok_s": batch * (l2 - l1) / dt if dt > 0 else None, "step_ms": dt / (l2 - l1) * 1e3 if dt > 0 else None,
            "t_L1_s": t1s, "t_L2_s": t2s, "warmup_s": warm_s, "new_tokens": [l1, l2], "prompt_len": prompt_len,
-           "peak_mem_bytes": _peak(device), "tokens": out[:, prompt_len:].tolist()}
+           "peak_mem_bytes": _peak(device, base, model), "tokens": out[:, prompt_len:].tolist()}
     if dt <= 0:
         res["note"] = "t(L2) <= t(L1): timing noise larger than the decode time; raise L2 or --repeats"
     if c0:
@@ -502,7 +511,11 @@ def markdown(res: dict) -> str:
              f"torch {res['torch']}, transformers {res['transformers']}, venom_hf {res['venom_hf']}, "
              f"{res['dtype']}; random weights; prompt {s['prompt_len']} tokens; decode tok/s = batch x "
              f"({s['new_tokens'][1]} - {s['new_tokens'][0]}) / (t({s['new_tokens'][1]}) - t({s['new_tokens'][0]})) "
-             f"of greedy `generate`, medians of {s['repeats']}; (x) = ratio to dense in this run, >1 is faster.",
+             f"of greedy `generate`, medians of {s['repeats']}"
+             + ("" if s.get("sequential", False) else
+                " (prefill and eager: rounds over all formats in alternating order, every model resident)")
+             + "; (x) = ratio to dense in this run, >1 is faster."
+             + (f" Peak memory: {res['peak_mem_note']}." if res.get("peak_mem_note") else ""),
              ""]
     cols = _column_defs(s)
     for key, m in res.get("models", {}).items():
@@ -756,7 +769,7 @@ def main(argv=None) -> dict:
            "settings": {"models": args.models, "formats": args.formats, "modes": args.modes, "batches": args.batches,
                         "new_tokens": [l1, l2], "prompt_len": args.prompt_len, "prefill": args.prefill,
                         "repeats": args.repeats, "tiny": args.tiny, "seed": args.seed, "budget_s": args.budget_s,
-                        "profile": sorted(args.profile_cells), "skip": args.skip},
+                        "profile": sorted(args.profile_cells), "skip": args.skip, "sequential": args.sequential},
            "models": {}, "_t0": budget.t0}
     if cuda and args.profile_cells:
         # CUPTI must be set up before the first CUDA graph is captured, or kernels replayed from graphs

@@ -6,6 +6,9 @@ canonical tensors of docs/format.md (no weight re-layout, no cache of derived te
   CTA's warps), the v4 register weight-stream kernel where the H100 sweep says it wins, v2 as fallback;
 * 17-64 tokens: the v2 kernel;
 * prefill (>= 65 tokens): one K-major copy of the activations per call (x^T) + the kt gather kernel.
+That is the built-in heuristic (``_search_config``, tuned on an H100). Where the card has a measured
+dispatch table (dispatch.py: shipped per card, or written by ``venom-hf tune``) with an entry for the layer
+shape and token count, ``make_plan`` takes the table's config instead, if it fits the call.
 Everything else (CPU, fp32, compute capability < 8.0, no NVRTC, V not a multiple of 16, ...) runs the
 reference of venom_hf.format (unpack + F.linear).
 
