@@ -825,6 +825,7 @@ def main(argv=None) -> dict:
             write_outputs(res, args.out, with_plot=False)
             for fmt in list(models):
                 if "static" in args.modes:
+                    _reset_compiled_state(device)  # each format compiles as in a fresh process
                     _run_format(models[fmt], key, fmt, m["formats"][fmt], args, budget, estimates, device,
                                 ("static",))
                 del models[fmt]

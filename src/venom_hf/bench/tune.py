@@ -8,7 +8,7 @@ them) in a CUDA graph; the fastest correct one becomes the entry. The heuristic'
 same run, so the report says what the table buys. By default the table is merged into the user's table for
 this card (``$VENOM_HF_CACHE/dispatch/<card>.json``), which later processes read; ``--out`` writes elsewhere.
 
-    venom-hf tune --model path/to/checkpoint            # a checkpoint folder or hub cache folder
+    venom-hf tune --model path/to/checkpoint            # a model folder with a config.json
     venom-hf tune --preset llama3-8b gemma3-270m        # the shapes of venom_hf.bench.generate's models
     venom-hf tune --shapes 4096x4096 14336x4096 --formats 64:2:8 --tokens 1 8 512
 """
@@ -62,6 +62,8 @@ def candidates(T: int, rows: int, groups: int, spec, num_sms: int, max_smem: int
 
     out = []
     for c in configs.CONFIGS:
+        # decode kernels (ring, stream, the v2 decode tiles) up to 16 tokens, the others above; the v2
+        # kernel's tiles of either kind compete up to 64 tokens, where both can win
         decode_kernel = c.kernel in ("ring", "stream") or c.name.startswith("decode")
         if (T <= dispatch.DECODE_MAX_TOKENS) != decode_kernel and not (c.kernel == "v2" and T <= 64):
             continue
