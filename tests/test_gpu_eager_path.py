@@ -7,19 +7,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+from gpu_testutils import skip_module_without_spatha
+
 import venom_hf
 from venom_hf import VNMSparseLinear, fuse_projections
 from venom_hf import modules as vm
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-
-from venom_hf import kernels  # noqa: E402
-
-if not kernels.is_available():
-    pytest.skip("Spatha kernel unavailable", allow_module_level=True)
+skip_module_without_spatha()
 
 DEV = torch.device("cuda")
 

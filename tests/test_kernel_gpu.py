@@ -13,18 +13,16 @@ import math
 import pytest
 import torch
 
+from gpu_testutils import skip_module_without_spatha
+
 from venom_hf import format as vf
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+skip_module_without_spatha()
 
 from venom_hf import kernels  # noqa: E402
 from venom_hf.kernels import configs, ops  # noqa: E402
-
-if not kernels.is_available():
-    pytest.skip("Spatha kernel unavailable (compute capability < 8.0 or no NVRTC)", allow_module_level=True)
 
 DEV = torch.device("cuda")
 # largest error of an output element vs float64, relative to the element's size plus its row's RMS (check())
