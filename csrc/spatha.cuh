@@ -1272,6 +1272,200 @@ __global__ void __launch_bounds__(RW * KS * 32)
   stream_epilogue<BF16, NT, RT>(p, acc, wrow, rw, RW, writer, writer, s_last);
 }
 
+// =============================================================================================
+// v7 decode path (<= 16 tokens, sm_90+): spatha_spmm_tma -- the weight streams through a CTA-wide ring
+// of shared-memory stages filled by the Tensor Memory Accelerator (TMA), one producer warp, mbarriers.
+//
+// Why (docs/perf-notes.md, v5.2 / v7): the v4/v5 decode kernels stream the weight at ~1.5-2.2 TB/s of the
+// H200's 4.8: every lane issues its own 16-byte copies (v5: cp.async into a per-warp ring, v4: loads into
+// registers), so the bytes in flight per SM are bounded by warps x registers / ring slots, and the copies
+// themselves share the MIO queue with the x gathers. Here one thread per CTA asks the copy engine for
+// whole tiles: per stage and pair of k-steps one 2-D box of values (BR rows x 64 bytes) and per stage one
+// box of metadata (BR rows x 16*PP bytes), both read from the canonical packed layout as it is (the tensor
+// maps are built on the host over values (Rp, Gp*2) halves and meta (Rp, Gp) bytes). S stages of
+// BR*PP*80 bytes are in flight per CTA from the start, and no consumer instruction is spent on copies.
+// * CTA = WR consumer warps (16*RT rows each, BR = 16*RT*WR rows) + 1 producer warp (lane 0 issues).
+// * Stage st holds pairs PP*st .. PP*st+PP-1 of the CTA's split: values [PP][BR][64 B] (16 groups x
+//   2 halves per row and pair: the rows of a pair are 64 bytes apart, so the 8 lanes of a 16-byte
+//   shared-load phase read 2 rows x 64 B = 128 contiguous bytes, no bank conflict), meta [BR][16*PP B].
+// * A consumer lane reads exactly the v4 register layout (StreamFrag) from the stage, releases the stage
+//   (mbarrier arrive, all lanes), then runs stream_pair_mma (the x gather and mma part shared with v4/v5).
+// * x (T <= 8*NT token rows of the split's K range) and the column words are staged once per CTA with
+//   cp.async, as in v5; TMA boxes beyond the tensor (rows >= Rp, groups >= Gp) arrive zero-filled.
+// * Split-K: the one-launch scheme of v4 (partials + last-arriving CTA; stream_epilogue).
+// Grid: (ceil(Rp / BR), nsplit); block (WR + 1) warps. Host requirements: as v4, plus Gp % 16 == 0 (the
+// metadata rows are the tensor map's row stride, which TMA wants 16-byte aligned), steps_per_split a
+// multiple of 2*PP (whole stages per split), and the tensor maps of TmaParams made for these tensors.
+// Dynamic shared memory (bytes): S*BR*PP*80 (ring) + TS*(steps*8*M + 8)*2 (x, TS = min(T, 8*NT))
+//   + WR*steps*8*4 (column words), steps = steps_per_split.
+// Below sm_90 the kernel is compiled empty (no TMA there) and never dispatched.
+// =============================================================================================
+struct alignas(64) TmaDesc {
+  unsigned long long words[16];  // a CUtensorMap, encoded by the driver (cuTensorMapEncodeTiled)
+};
+struct TmaParams {
+  TmaDesc values;  // UINT16, dims {Gp*2, Rp}, box {32, BR}
+  TmaDesc meta;    // UINT8, dims {Gp, Rp}, box {16*PP, BR}
+  SpmmParams p;
+};
+// the host mirror (venom_hf.kernels.ops._TmaParams) assumes these offsets
+static_assert(sizeof(TmaDesc) == 128 && __builtin_offsetof(TmaParams, p) == 256 && sizeof(TmaParams) % 64 == 0,
+              "TmaParams layout");
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// 2-D TMA tile load global -> shared, completion counted in bytes on `bar`. c0: innermost coordinate
+// (elements), c1: row.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* map, int c0, int c1,
+                                            unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+      : "memory");
+}
+
+template <bool BF16, int NT, int RT, int WR, int PP, int S>
+__global__ void __launch_bounds__((WR + 1) * 32)
+    spatha_spmm_tma(const __grid_constant__ TmaParams tp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int NTH = (WR + 1) * 32;
+  constexpr int BR = 16 * RT * WR;
+  constexpr int VB = BR * 64;               // bytes of one pair's values box
+  constexpr int MB = BR * 16 * PP;          // bytes of the stage's metadata box
+  constexpr int STAGE = PP * VB + MB;       // BR * PP * 80: a multiple of 128 bytes
+  static_assert(NT >= 1 && NT <= 2 && RT >= 1 && WR >= 1 && PP >= 1 && S >= 2, "tma config");
+  static_assert(BR <= 256 && 16 * PP <= 256, "TMA boxes are at most 256 per dimension");
+  const SpmmParams& p = tp.p;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ __align__(8) unsigned long long full[S];
+  __shared__ __align__(8) unsigned long long empty[S];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const bool producer = warp == WR;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int h = tig >> 1;
+  const int pp = tig & 1;
+
+  const int m0 = blockIdx.x * BR;
+  const int wrow = m0 + warp * 16 * RT;  // consumer warps: first row
+  const bool warp_ok = !producer && wrow < p.Rp;
+  const int split = blockIdx.y;
+  const int s_begin = split * p.steps_per_split;
+  const int s_end = min(p.Gp / 8, s_begin + p.steps_per_split);
+  const int g_begin = 8 * s_begin;
+  const int g_end = 8 * s_end;
+  const int npairs = (g_end - g_begin + 15) >> 4;
+  const int nst = (npairs + PP - 1) / PP;
+  const int ngp = npairs * 16;
+  const int M = p.M;
+  const int XW = ngp * M;
+  const int XP = XW + 8;
+  const int TS = min(p.T, 8 * NT);
+
+  unsigned char* ring = smem_raw;                                                         // [S][STAGE]
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem_raw + S * STAGE);           // [TS][XP]
+  unsigned* cs = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(xs) + TS * XP * 2);  // [WR][ngp]
+
+  auto issue_stage = [&](int st) {
+    unsigned char* base = ring + (st % S) * STAGE;
+    const int nv = min(PP, npairs - st * PP);
+    mbar_expect_tx(&full[st % S], nv * VB + MB);
+    for (int j = 0; j < nv; ++j)
+      tma_load_2d(base + j * VB, &tp.values, 2 * (g_begin + 16 * (st * PP + j)), m0, &full[st % S]);
+    tma_load_2d(base + PP * VB, &tp.meta, g_begin + 16 * PP * st, m0, &full[st % S]);
+  };
+  // The producer lane initializes the barriers and starts the first S stages at once; the consumers first
+  // wait on a barrier after the x staging's __syncthreads below, which also publishes the initialization.
+  if (producer && lane == 0) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&tp.values)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&tp.meta)) : "memory");
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], WR * 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int st = 0; st < min(S, nst); ++st) issue_stage(st);
+  }
+
+  // ---- x chunk (TS token rows) and the consumer warps' column words (cp.async, every thread) ---------
+  stage_x_and_columns<true, false, NTH>(p, xs, XP, TS, XW >> 3, cs, WR, 16 * RT, m0, ngp, g_begin, g_end);
+  cp_async_commit_mem();
+  cp_async_wait_mem<0>();
+  __syncthreads();
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+  if (producer) {
+    if (lane == 0) {
+      for (int st = S; st < nst; ++st) {
+        mbar_wait(&empty[st % S], ((st / S) - 1) & 1);  // every consumer lane has read stage st - S
+        issue_stage(st);
+      }
+    }
+  } else {
+    const unsigned* cw = cs + warp * ngp;
+    const unsigned short* xr[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xr[j] = xs + min(j * 8 + g, TS - 1) * XP;
+    const int lrow = warp * 16 * RT + g;  // this lane's row g in the stage's boxes
+    for (int st = 0; st < nst; ++st) {
+      mbar_wait(&full[st % S], (st / S) & 1);
+      const unsigned char* base = ring + (st % S) * STAGE;
+      StreamFrag f[PP][RT];
+#pragma unroll
+      for (int u = 0; u < PP; ++u)
+#pragma unroll
+        for (int i = 0; i < RT; ++i) {
+          const unsigned char* vb = base + u * VB + (lrow + 16 * i) * 64 + tig * 16;
+          f[u][i].v0 = *reinterpret_cast<const uint4*>(vb);
+          f[u][i].v1 = *reinterpret_cast<const uint4*>(vb + 8 * 64);
+          f[u][i].meta =
+              *reinterpret_cast<const uint2*>(base + PP * VB + (lrow + 16 * i + 8 * h) * 16 * PP + 16 * u + 8 * pp);
+        }
+      mbar_arrive(&empty[st % S]);  // the stage's bytes are in registers: the producer may refill it
+#pragma unroll
+      for (int u = 0; u < PP; ++u)
+        if (st * PP + u < npairs) stream_pair_mma<BF16, NT, RT>(acc, f[u], cw, xr, M, st * PP + u, lane);
+    }
+  }
+
+  // ---- epilogue: as v4 (global split-K partials + last-arriving CTA); the producer warp only joins the
+  // barriers
+  stream_epilogue<BF16, NT, RT>(p, acc, wrow, producer ? 0 : warp, WR, !producer, warp_ok, s_last);
+#endif
+}
+
 // Sum the split-K partials, add the bias, convert. One thread per output element.
 template <bool BF16>
 __global__ void __launch_bounds__(256) spatha_splitk_reduce(const ReduceParams p) {

@@ -1,4 +1,4 @@
-"""CI (no GPU): NVRTC compiles every shipped Spatha template instance for sm_80 and sm_90, and the
+"""CI (no GPU): NVRTC compiles every shipped Spatha template instance for sm_80, sm_90 and sm_90a, and the
 custom op's CPU path / fake implementation behave. Skipped when cuda-python / NVRTC is missing."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from venom_hf import format as vf
 from venom_hf.kernels import configs, nvrtc, ops, spmm
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
 def test_nvrtc_compiles_every_instance(arch, tmp_path, monkeypatch):
     if not nvrtc.nvrtc_available():
         pytest.skip("cuda-python / NVRTC not importable")
@@ -107,6 +107,53 @@ def test_decode_dispatch():
     # 1 token, K > RING_SEL_MAX_K (Llama down_proj): the pre-gathered x of ring_n1r1sel grows with K
     assert ops.choose_config(1, 4096, 11008 // 8, 64, 8, 132, 227 * 1024)[0].name == "ring_n1r1"
     assert ops.choose_config(1, 11008, 11008 // 16, 64, 16, 132, 227 * 1024)[0].name == "stream_n1r2"
+
+
+def test_tma_dispatch_rules():
+    """v7 TMA decode kernel: only where the device has TMA, whole ring stages per split, within its shared
+    memory cap, never with metadata rows that are not 16-byte aligned; first in the heuristic only for <= 8
+    tokens on big layers."""
+    assert [ops.has_tma(a) for a in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")] == [
+        False, False, False, True, True, True, True]
+    tma_names = [c.name for c in configs.CONFIGS if c.kernel == "tma"]
+    for T in (1, 2, 5, 8, 9, 16):
+        for R, K, v, m in ((28672, 4096, 64, 8), (4096, 14336, 64, 8), (4096, 4096, 64, 16), (1000, 4096, 32, 16),
+                           (2048, 640, 64, 8), (4096, 1000, 128, 4), (576, 576, 64, 8)):
+            p = vf.packed_shapes(R, K, f"{v}:2:{m}")["values"]
+            Rp, Gp = p[0], p[1]
+            auto_off = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024)[0]
+            assert auto_off.kernel != "tma"
+            auto_on = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, tma=True)[0]
+            big = T <= 8 and Rp * Gp * m >= ops.TMA_MIN_WEIGHTS and Gp % 16 == 0
+            assert (auto_on.kernel == "tma") == big, (T, R, K, auto_on.name)
+            for name in tma_names:
+                c = configs.BY_NAME[name]
+                assert ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, name)[0].name != name  # no TMA
+                got, kw, split, steps = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, name, tma=True)
+                if got.name != name:  # the documented fallbacks
+                    assert Gp % 16 or T > c.bn or v % c.wm or \
+                        c.smem_bytes(m, 2, 2 * c.pairs_per_stage, T) > ops.TMA_SMEM_CAP
+                    continue
+                nsteps = Gp // 8
+                assert kw == 2 and steps % (2 * c.pairs_per_stage) == 0
+                assert split * steps >= nsteps > (split - 1) * steps
+                assert c.smem_bytes(m, 2, steps, T) <= ops.TMA_SMEM_CAP and c.threads == 32 * (c.warps_m + 1)
+                assert 16 * c.rt * c.warps_m <= 256  # the TMA box height
+
+
+def test_tma_params_layout():
+    """The ctypes mirror of csrc's TmaParams: two 128-byte tensor maps, then SpmmParams, padded to 64 bytes
+    (the kernel's struct alignment; the driver copies sizeof(TmaParams) bytes)."""
+    import ctypes
+
+    assert ops._TmaParams.values_map.offset == 0 and ops._TmaParams.meta_map.offset == 128
+    assert ops._TmaParams.p.offset == 256
+    size = ctypes.sizeof(ops._TmaParams)
+    assert size % 64 == 0 and size == 256 + -(-ctypes.sizeof(ops._SpmmParams) // 64) * 64
+    t = ops._TmaParams()
+    view = t.p
+    view.T, view.nsplit = 7, 3  # the plan writes per-call fields through this view
+    assert (t.p.T, t.p.nsplit) == (7, 3)
 
 
 def test_choose_config_memo_matches_search_and_sees_tunables(monkeypatch):

@@ -148,8 +148,8 @@ def test_every_config(cfg, dtype):
         run_case(R, K, v, m, dtype, T, bias=True, config=cfg)
 
 
-# --- v4 stream / v5 ring kernels (decode): every config, K split off and on, odd shapes, every V / M --------
-STREAM = [c.name for c in configs.CONFIGS if c.kernel in ("stream", "ring")]
+# --- v4 stream / v5 ring / v7 tma kernels (decode): every config, K split off and on, odd shapes, every V / M -
+STREAM = [c.name for c in configs.CONFIGS if c.decode]
 
 
 @pytest.mark.parametrize("cfg", STREAM)
@@ -158,6 +158,7 @@ STREAM = [c.name for c in configs.CONFIGS if c.kernel in ("stream", "ring")]
 def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
     monkeypatch.setattr(ops, "STREAM_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(ops, "RING_CTAS_PER_SM", ctas_per_sm)
+    monkeypatch.setattr(ops, "TMA_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(ops, "STREAM_PARTIAL_SHARE", 100.0 if ctas_per_sm > 2 else ops.STREAM_PARTIAL_SHARE)
     c = configs.BY_NAME[cfg]
     cases = [(4096, 4096, 64, 8), (1536, 576, 64, 16), (200, 264, 32, 4), (136, 520, 128, 32), (4096, 11008, 128, 8),
@@ -166,11 +167,17 @@ def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
         v = v if v % c.wm == 0 else c.wm
         for T in sorted({1, 3, c.bn - 1, c.bn}):
             p, _ = packed_weight(R, K, v, m, dtype)
-            chosen, kw, split, steps = ops.choose_config(T, p.values.shape[0], p.values.shape[1], v, m, 132,
-                                                         227 * 1024, cfg)
-            if chosen.name != cfg:  # one pair's x chunk + the ring do not fit: the documented fallback
-                assert c.smem_bytes(m, 2, 2, T) > ops.STREAM_SMEM_CAP
+            Gp = p.values.shape[1]
+            chosen, kw, split, steps = ops.choose_config(T, p.values.shape[0], Gp, v, m, 132, 227 * 1024, cfg,
+                                                         tma=True)
+            if chosen.name != cfg:  # the documented fallbacks
+                if c.kernel == "tma":  # metadata rows not 16-byte aligned, or one stage does not fit
+                    assert Gp % 16 or c.smem_bytes(m, 2, 2 * c.pairs_per_stage, T) > ops.TMA_SMEM_CAP
+                else:  # one pair's x chunk + the ring do not fit
+                    assert c.smem_bytes(m, 2, 2, T) > ops.STREAM_SMEM_CAP
                 continue
+            if c.kernel == "tma":
+                assert steps % (2 * c.pairs_per_stage) == 0
             assert steps % 2 == 0
             nsteps = p.values.shape[1] // 8
             if ctas_per_sm < 0.005 and c.smem_bytes(m, 2, nsteps + nsteps % 2, T) <= ops.STREAM_SMEM_CAP:
@@ -192,16 +199,18 @@ def _read_words(addr: int, n: int) -> list[int]:
     return list(buf)
 
 
-@pytest.mark.parametrize("kernel", ["stream", "ring"])
+@pytest.mark.parametrize("kernel", ["stream", "ring", "tma"])
 def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
-    """The one-launch global split-K (v4 always, v5 on small layers): bitwise the same result every call,
-    whoever arrives last, and every arrival counter back at zero."""
+    """The one-launch global split-K (v4 always, v5 on small layers, v7 where rows are few): bitwise the same
+    result every call, whoever arrives last, and every arrival counter back at zero."""
     R, K, v, m, dtype = 4096, 4096, 64, 8, torch.float16
     monkeypatch.setattr(ops, "RING_CTAS_PER_SM", 8.0)  # the ring splits only small layers by default
-    name = "stream_n1r2" if kernel == "stream" else "ring_n1r1"
+    name = {"stream": "stream_n1r2", "ring": "ring_n1r1", "tma": "tma_n1r1w4"}[kernel]
+    if kernel == "tma" and not ops.has_tma(ops._device_info(torch.cuda.current_device())[0]):
+        pytest.skip("the TMA kernel needs sm_90+")
     p, wd = packed_weight(R, K, v, m, dtype)
     x = torch.randn(8, K, device=DEV).to(dtype)
-    cfg, kw, split, steps = ops.choose_config(8, 4096, 512, v, m, 132, 227 * 1024, name)
+    cfg, kw, split, steps = ops.choose_config(8, 4096, 512, v, m, 132, 227 * 1024, name, tma=True)
     assert cfg.kernel == kernel and split > 1
     ys = [ops._spmm_cuda(x, p.values, p.columns, p.meta, None, v, m, R, config=name) for _ in range(5)]
     torch.cuda.synchronize()

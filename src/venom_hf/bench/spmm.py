@@ -147,6 +147,7 @@ def main(argv=None):
     global L2_BYTES
     props = torch.cuda.get_device_properties(0)
     nsm, smem = props.multi_processor_count, int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+    tma = ops.has_tma(f"sm_{props.major}{props.minor}")
     L2_BYTES = int(getattr(props, "L2_cache_size", 0) or L2_BYTES)
     card = torch.cuda.get_device_name()
     print(f"card: {card}, torch {torch.__version__}, SMs {nsm}, L2 {L2_BYTES / 2**20:.0f} MB")
@@ -164,7 +165,7 @@ def main(argv=None):
             plan = [p for p in plan if p[0] == {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]]
     rows = []
     sweep = []
-    default_cps, default_ring = ops.STREAM_CTAS_PER_SM, ops.RING_CTAS_PER_SM
+    default_cps, default_ring, default_tma = ops.STREAM_CTAS_PER_SM, ops.RING_CTAS_PER_SM, ops.TMA_CTAS_PER_SM
     if args.sweep:
         cases = [((4096, 4096), 2048, "64:2:8"), ((4096, 4096), 2048, "64:2:16"), ((11008, 4096), 2048, "64:2:8"),
                  ((4096, 4096), 2048, "128:2:8"), ((4096, 4096), 8192, "64:2:8"), ((4096, 4096), 512, "64:2:8"),
@@ -208,14 +209,15 @@ def main(argv=None):
                 if T > 16 and not (c.kernel == "kt" or c.name in ("large64", "huge64", "large32")):
                     continue
                 if ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem,
-                                     c.name)[0].name != c.name:
+                                     c.name, tma)[0].name != c.name:
                     continue  # the config declines this case (the search would fall back): no mislabelled row
-                if T <= 16 and not (c.kernel in ("stream", "ring") and T <= c.bn or c.name == "decode16x8"):
+                if T <= 16 and not (c.decode and T <= c.bn or c.name == "decode16x8"):
                     continue
-                cps_grid = {"stream": (1.0, 2.0, 4.0), "ring": (0.25, 1.0, 3.0)}.get(c.kernel, (None,))
+                cps_grid = {"stream": (1.0, 2.0, 4.0), "ring": (0.25, 1.0, 3.0),
+                            "tma": (1.0, 2.0, 4.0)}.get(c.kernel, (None,))
                 for cps in cps_grid:
                     if cps is not None:  # the global split-K knob of the decode kernels
-                        ops.STREAM_CTAS_PER_SM = ops.RING_CTAS_PER_SM = cps
+                        ops.STREAM_CTAS_PER_SM = ops.RING_CTAS_PER_SM = ops.TMA_CTAS_PER_SM = cps
                     fn = lambda c=c: ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R,  # noqa: E731
                                                     config=c.name)
                     y = fn()
@@ -224,14 +226,15 @@ def main(argv=None):
                                   [p.values, p.columns, p.meta], nbytes(p.values, p.columns, p.meta))
                     err = ((y.double() - x.double() @ wd.T).norm() / (x.double() @ wd.T).norm()).item()
                     us = time_graph(fn)
-                    split = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem, c.name)[2]
+                    split = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem, c.name,
+                                              tma)[2]
                     label = c.name + (f"@{cps:g}/s{split}" if cps is not None else "")
                     wbytes = sum(t.numel() * t.element_size() for t in (p.values, p.columns, p.meta))
                     sweep.append(dict(R=R, K=K, T=T, spec=spec, config=label, us=us, dense_us=dense_us, rel_err=err,
                                       weight_tbps=wbytes / us / 1e6))
                     print(f"sweep {R}x{K} T={T} {spec} {label:18s} {us:8.1f} us  dense {dense_us:8.1f}  "
                           f"x{dense_us/us:.2f} err {err:.1e} weights {wbytes / us / 1e6:.2f} TB/s")
-                ops.STREAM_CTAS_PER_SM, ops.RING_CTAS_PER_SM = default_cps, default_ring
+                ops.STREAM_CTAS_PER_SM, ops.RING_CTAS_PER_SM, ops.TMA_CTAS_PER_SM = default_cps, default_ring, default_tma
     if sweep:
         summary = sweep_summary(sweep)
         (out / "sweep.md").write_text(summary)
@@ -280,7 +283,8 @@ def main(argv=None):
                                              [p.values, p.columns, p.meta], nbytes(p.values, p.columns, p.meta)))
                     else:
                         us = time_graph(lambda: kernels.spmm(x, p.values, p.columns, p.meta, None, s.v, s.m, R))
-                    cfg, kw, split, _ = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem)
+                    cfg, kw, split, _ = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem,
+                                                          None, tma)
                     wbytes = sum(t.numel() * t.element_size() for t in (p.values, p.columns, p.meta))
                     xbytes = T * K * x.element_size() + T * R * x.element_size()
                     row = dict(

@@ -29,6 +29,12 @@ class TileConfig:
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
     sel: bool = False  # ring configs: x pre-gathered per V-block (v5.1, one 8-token tile)
+    pairs_per_stage: int = 0  # tma configs: pairs of k-steps per TMA ring stage
+
+    @property
+    def decode(self) -> bool:
+        """One of the decode kernels (v4 stream, v5 ring, v7 tma): <= 16 tokens, whole pairs of k-steps."""
+        return self.kernel in ("stream", "ring", "tma")
 
     @property
     def bm(self) -> int:
@@ -37,16 +43,17 @@ class TileConfig:
     @property
     def bn(self) -> int:
         """Tokens per CTA (ring configs: warps_n counts the warps that split K, not token tiles)."""
-        return self.wn if self.kernel == "ring" else self.wn * self.warps_n
+        return self.wn if self.kernel in ("ring", "tma") else self.wn * self.warps_n
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
+        # tma: warps_m consumer warps + the producer warp
+        return 32 * (self.warps_m * self.warps_n + (self.kernel == "tma"))
 
     @property
     def kws(self) -> tuple[int, ...]:
         """The KW values this config is built with."""
-        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring") else KWS
+        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring", "tma") else KWS
 
     @property
     def rt(self) -> int:
@@ -69,6 +76,10 @@ class TileConfig:
             red = (self.warps_n - 1) * self.warps_m * self.rt * (self.wn // 8) * 512
             xsel = self.warps_m * rows * (steps * 16 + 16) * 4 if self.sel else 0
             return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4 + red + xsel
+        if self.kernel == "tma":  # TMA ring + x chunk (min(tokens, bn) rows) + column words per warp
+            rows = min(tokens, self.bn) if tokens else self.bn
+            ring = self.stages * self.bm * self.pairs_per_stage * 80
+            return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4
         if self.kernel == "stream":  # x chunk [8*NT][steps*8*M + 8] halves + column words per warp
             steps = steps + steps % 2
             return (self.bn * (steps * 8 * m + 8) * 2) + self.warps_m * steps * 8 * 4
@@ -83,6 +94,9 @@ class TileConfig:
             sel = ", true" if self.sel else ""
             return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
                     f"{self.stages}{sel}>")
+        if self.kernel == "tma":  # spatha_spmm_tma<BF16, NT, RT, WR, PP, S>
+            return (f"venom::spatha_spmm_tma<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.pairs_per_stage}, "
+                    f"{self.stages}>")
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
             return f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}>"
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
@@ -118,6 +132,15 @@ CONFIGS: tuple[TileConfig, ...] = (
     # v5.2: the ring with x pre-gathered per V-block in B-register order (one 16-byte shared load per
     # k-step), at 1 token on tall layers with K <= 4096
     TileConfig("ring_n1r1sel", 16, 8, 2, 4, 4, "ring", 2, sel=True),
+    # v7 decode (sm_90+: TMA-filled CTA-wide weight ring, one producer warp): tma_n<NT>r<RT>w<WR>[s<S>];
+    # warps_m = WR consumer warps, stages = S ring stages of pairs_per_stage pairs
+    TileConfig("tma_n1r1w4", 16, 8, 4, 1, 4, "tma", 2, pairs_per_stage=2),
+    TileConfig("tma_n1r1w8", 16, 8, 8, 1, 4, "tma", 2, pairs_per_stage=2),
+    TileConfig("tma_n1r2w4", 32, 8, 4, 1, 3, "tma", 2, pairs_per_stage=2),
+    TileConfig("tma_n2r1w4", 16, 16, 4, 1, 4, "tma", 2, pairs_per_stage=2),
+    TileConfig("tma_n2r2w4", 32, 16, 4, 1, 3, "tma", 2, pairs_per_stage=2),
+    TileConfig("tma_n1r2w8", 32, 8, 8, 1, 4, "tma", 2, pairs_per_stage=1),
+    TileConfig("tma_n2r2w8", 32, 16, 8, 1, 4, "tma", 2, pairs_per_stage=1),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 

@@ -59,6 +59,17 @@ class _SpmmParams(ctypes.Structure):
     ]
 
 
+class _TmaParams(ctypes.Structure):
+    """csrc/spatha.cuh TmaParams: two CUtensorMaps (128 bytes each, 64-byte aligned) and the SpmmParams,
+    padded to the kernel's 64-byte struct size (the driver copies that many bytes)."""
+    _fields_ = [
+        ("values_map", ctypes.c_uint64 * 16),
+        ("meta_map", ctypes.c_uint64 * 16),
+        ("p", _SpmmParams),
+        ("_pad", ctypes.c_char * ((-ctypes.sizeof(_SpmmParams)) % 64)),
+    ]
+
+
 class _TransposeParams(ctypes.Structure):
     _fields_ = [
         ("x", ctypes.c_void_p),
@@ -96,6 +107,12 @@ def _device_info(index: int) -> tuple[str, int, int]:
         info = (f"sm_{p.major}{p.minor}", int(p.multi_processor_count), smem)
         _DEV_INFO[index] = info
     return info
+
+
+def has_tma(arch: str) -> bool:
+    """Whether an ``sm_XY`` architecture has the Tensor Memory Accelerator (sm_90 and later)."""
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return bool(digits) and int(digits) >= 90
 
 
 _DEV_NAME: dict[int, str] = {}
@@ -239,6 +256,23 @@ RING_SMALL_ROWS_16 = 4096
 RING_SEL_MAX_K = 4096
 
 
+# v7 TMA decode kernel (sm_90+): enough CTAs per SM to keep the copy engine busy; each CTA's TMA ring plus
+# x chunk within this much shared memory (two CTAs per SM).
+TMA_CTAS_PER_SM = 2.0
+TMA_SMEM_CAP = 113 * 1024
+# Heuristic (no table entry): the TMA kernel first for <= 8 tokens on layers of at least this many packed
+# weights (Rp x Gp x M). H200 cold-weight sweep: 1.07-1.33x the v4/v5 kernels on 4096x14336 and 28672x4096
+# at 1 and 8 tokens, within -10..+3 % on 4096- and 6144-row K = 4096 layers, slower on small ones (its fixed
+# cost: the descriptor fetch and the first TMA round trip).
+TMA_MIN_WEIGHTS = 48 * 2**20
+
+
+def _tma_order(T: int) -> list:
+    """TMA decode configs for a call, best first (used only on devices with TMA)."""
+    B = _cfg.BY_NAME
+    return [B["tma_n1r2w4"], B["tma_n1r1w4"]] if T <= 8 else [B["tma_n2r2w4"], B["tma_n2r1w4"]]
+
+
 def _decode_order(T: int, Rp: int, v: int, m: int, K: int = 0) -> list:
     """Decode tile configs, best first (H100 sweeps, docs/perf-notes.md v5/v5.1). The v5 ring kernel for 1-2
     tokens (32-row CTAs of 2 row warps x 4 k-split warps; at 1 token and K <= RING_SEL_MAX_K its variant with
@@ -309,39 +343,70 @@ def _ring_split(cfg, T: int, Rp: int, nsteps: int, m: int, num_sms: int, max_sme
     return _pair_steps(cfg, nsteps, split, m, cap, T)
 
 
+def _tma_split(cfg, T: int, Rp: int, Gp: int, m: int, num_sms: int, max_smem: int) -> tuple[int, int]:
+    """(split count, k-steps per split) of the TMA kernel: whole ring stages per split; (0, 0) when it
+    cannot run this call (metadata rows not 16-byte aligned, or one stage's x chunk does not fit)."""
+    if Gp % 16:
+        return 0, 0
+    cap = min(max_smem, TMA_SMEM_CAP)
+    unit = 2 * cfg.pairs_per_stage  # k-steps per stage
+    nsteps = Gp // 8
+    if cfg.smem_bytes(m, 2, unit, T) > cap:
+        return 0, 0
+    row_ctas = math.ceil(Rp / cfg.bm)
+    split = max(1, min(round(TMA_CTAS_PER_SM * num_sms / row_ctas), math.ceil(nsteps / unit), 64))
+    steps = math.ceil(math.ceil(nsteps / split) / unit) * unit
+    while steps > unit and cfg.smem_bytes(m, 2, steps, T) > cap:
+        steps -= unit
+    return math.ceil(nsteps / steps), steps
+
+
 _CHOICES: dict[tuple, tuple] = {}
 
 
-def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None = None):
+def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None = None,
+                  tma: bool = False):
     """(tile config, KW, split count, k-steps per split) for one call, or (None, ...) when no shipped
-    instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config.
+    instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config. ``tma``: the device has the
+    Tensor Memory Accelerator (sm_90+), which the v7 decode kernel needs.
 
     Memoized (a decode step asks the same few questions every token, and the search costs a few us of
     Python per call); the key holds the module's tunables too, so changing one (tests, the sweep) is seen.
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
-    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
+    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS,
+           STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
            RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS,
            KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM)
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
             _CHOICES.clear()
-        choice = _CHOICES[key] = _search_config(T, Rp, Gp, v, m, num_sms, max_smem, name)
+        choice = _CHOICES[key] = _search_config(T, Rp, Gp, v, m, num_sms, max_smem, name, tma)
     return choice
 
 
-def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None):
+def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None,
+                   tma: bool = False):
     B = _cfg.BY_NAME
     if name:
         order = [B[name]]
-    elif T <= 16:  # decode: the v5 ring / v4 stream kernels, the v2 decode tiles as fallback
+    elif T <= 16:  # decode: the v7 tma (sm_90+) / v5 ring / v4 stream kernels, the v2 decode tiles as fallback
         order = _decode_order(T, Rp, v, m, Gp * m)
+        if tma and T <= 8 and Rp * Gp * m >= TMA_MIN_WEIGHTS:
+            order = _tma_order(T) + order
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
     order += [B["decode16"]]
     nsteps = Gp // 8
     for c in order:
+        if c.kernel == "tma":
+            if not tma or v % c.wm or T > c.bn:
+                continue
+            split, steps = _tma_split(c, T, Rp, Gp, m, num_sms, max_smem)
+            if steps:
+                return c, 2, split, steps
+            continue
         if c.kernel in ("stream", "ring"):
             if v % c.wm or T > c.bn:
                 continue
@@ -448,7 +513,7 @@ class SpmmPlan:
         Rp, Gp = values.shape[0], values.shape[1]
         self.T, self.R, self.dtype, self.idx = T, R, dtype, idx
         self.device = torch.device("cuda", idx)
-        self.kind = "stream" if cfg.kernel in ("stream", "ring") else cfg.kernel
+        self.kind = "stream" if cfg.decode else cfg.kernel
         self.split = split
         self.cfg = cfg
         bptr = bias.data_ptr() if bias is not None else None
@@ -489,9 +554,21 @@ class SpmmPlan:
                 self.tp_args, self._tp_keep = _nvrtc.kernel_args(self.tp)
                 ld_in = self.xt_shape[1]
         self.main.reserve_smem(self.smem)
-        self.p = _SpmmParams(0, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), bptr, 0, None,
-                             ld_in, R, T, K, R, Rp, Gp, v, m, steps, split, None)
-        self.p_args, self._p_keep = _nvrtc.kernel_args(self.p)
+        p = _SpmmParams(0, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), bptr, 0, None,
+                        ld_in, R, T, K, R, Rp, Gp, v, m, steps, split, None)
+        if cfg.kernel == "tma":
+            # the TMA descriptors over the canonical values (Rp, Gp*2) halves and meta (Rp, Gp) bytes, built once
+            self.tma = _TmaParams()
+            self.tma.p = p
+            _nvrtc.encode_tensor_map_2d(self.tma.values_map, _nvrtc.TMAP_UINT16, values.data_ptr(), (2 * Gp, Rp),
+                                        4 * Gp, (32, cfg.bm))
+            _nvrtc.encode_tensor_map_2d(self.tma.meta_map, _nvrtc.TMAP_UINT8, meta.data_ptr(), (Gp, Rp), Gp,
+                                        (16 * cfg.pairs_per_stage, cfg.bm))
+            self.p = self.tma.p  # a view into self.tma: run() writes the per-call pointers there
+            self.p_args, self._p_keep = _nvrtc.kernel_args(self.tma)
+        else:
+            self.p = p
+            self.p_args, self._p_keep = _nvrtc.kernel_args(self.p)
         # the argument structs are shared by the calls of this plan: one call at a time writes and launches
         self._lock = threading.Lock()
 
@@ -533,19 +610,20 @@ def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, co
     """The launch plan of one call (None when no shipped instance fits: the caller runs the reference).
     The tensors must be CUDA, contiguous and 16-byte aligned, bias None or of ``dtype``."""
     Rp, Gp = values.shape[0], values.shape[1]
-    _, num_sms, max_smem = _device_info(idx)
+    arch, num_sms, max_smem = _device_info(idx)
+    tma = has_tma(arch)
     cfg = None
     if config is None and not os.environ.get("VENOM_HF_SPMM_CONFIG"):
         tuned = _dispatch.config_for(_device_name(idx), num_sms, v, m, Rp, Gp, T)
         if tuned is not None:
-            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, tuned)
+            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, tuned, tma)
             if cfg is not None and cfg.name != tuned:  # the measured config does not fit this call
                 cfg = None
     if cfg is None:
-        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config)
+        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config, tma)
     if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
         # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
-        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64")
+        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64", tma)
     if cfg is None:
         return None
     return SpmmPlan(cfg, kw, split, steps, T, K, ldx, dtype, idx, values, columns, meta, bias, v, m, R)
@@ -623,7 +701,7 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, 
 
 
 def _tunables() -> tuple:
-    return (STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS,
+    return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS,
             RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS,
             KT128_MIN_CTAS_PER_SM)
 
