@@ -1309,7 +1309,8 @@ struct TmaParams {
   SpmmParams p;
 };
 // the host mirror (venom_hf.kernels.ops._TmaParams) assumes these offsets
-static_assert(sizeof(TmaDesc) == 128 && __builtin_offsetof(TmaParams, p) == 256 && sizeof(TmaParams) % 64 == 0,
+static_assert(sizeof(TmaDesc) == 128 && alignof(TmaParams) == 64 &&
+                  sizeof(TmaParams) == 256 + (sizeof(SpmmParams) + 63) / 64 * 64,
               "TmaParams layout");
 
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
