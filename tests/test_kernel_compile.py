@@ -156,6 +156,16 @@ def test_tma_params_layout():
     assert (t.p.T, t.p.nsplit) == (7, 3)
 
 
+def test_tensor_map_encoding_needs_libcuda():
+    """Without a driver the TMA kernel is never dispatched, and encoding says why instead of crashing."""
+    import ctypes
+
+    if nvrtc.tensor_maps_available():
+        pytest.skip("libcuda present")
+    with pytest.raises(RuntimeError, match="cuTensorMapEncodeTiled"):
+        nvrtc.encode_tensor_map_2d((ctypes.c_uint64 * 16)(), nvrtc.TMAP_UINT16, 0, (64, 64), 128, (32, 64))
+
+
 def test_choose_config_memo_matches_search_and_sees_tunables(monkeypatch):
     cases = [(T, R, v, m) for T in (1, 9, 16, 100, 2048) for R in (576, 4096, 11008) for v in (64, 128)
              for m in (8, 16)]

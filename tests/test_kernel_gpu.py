@@ -206,7 +206,7 @@ def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
     R, K, v, m, dtype = 4096, 4096, 64, 8, torch.float16
     monkeypatch.setattr(ops, "RING_CTAS_PER_SM", 8.0)  # the ring splits only small layers by default
     name = {"stream": "stream_n1r2", "ring": "ring_n1r1", "tma": "tma_n1r1w4"}[kernel]
-    if kernel == "tma" and not ops.has_tma(ops._device_info(torch.cuda.current_device())[0]):
+    if kernel == "tma" and not ops.device_has_tma(torch.cuda.current_device()):
         pytest.skip("the TMA kernel needs sm_90+")
     p, wd = packed_weight(R, K, v, m, dtype)
     x = torch.randn(8, K, device=DEV).to(dtype)

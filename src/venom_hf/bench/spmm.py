@@ -147,7 +147,7 @@ def main(argv=None):
     global L2_BYTES
     props = torch.cuda.get_device_properties(0)
     nsm, smem = props.multi_processor_count, int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
-    tma = ops.has_tma(f"sm_{props.major}{props.minor}")
+    tma = ops.device_has_tma(torch.cuda.current_device())
     L2_BYTES = int(getattr(props, "L2_cache_size", 0) or L2_BYTES)
     card = torch.cuda.get_device_name()
     print(f"card: {card}, torch {torch.__version__}, SMs {nsm}, L2 {L2_BYTES / 2**20:.0f} MB")

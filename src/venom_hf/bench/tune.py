@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         if layer is None or layer[0] != (R, K, str(s)):
             layer = ((R, K, str(s)), *random_layer(R, K, s, dtype, gen))
             torch.cuda.empty_cache()
-        e = tune_case(layer[1], layer[2], s, T, gen, num_sms, max_smem, ops.has_tma(arch))
+        e = tune_case(layer[1], layer[2], s, T, gen, num_sms, max_smem, ops.device_has_tma(idx))
         e["layer"] = name
         entries.append(e)
     layer = None

@@ -132,8 +132,8 @@ CONFIGS: tuple[TileConfig, ...] = (
     # v5.2: the ring with x pre-gathered per V-block in B-register order (one 16-byte shared load per
     # k-step), at 1 token on tall layers with K <= 4096
     TileConfig("ring_n1r1sel", 16, 8, 2, 4, 4, "ring", 2, sel=True),
-    # v7 decode (sm_90+: TMA-filled CTA-wide weight ring, one producer warp): tma_n<NT>r<RT>w<WR>[s<S>];
-    # warps_m = WR consumer warps, stages = S ring stages of pairs_per_stage pairs
+    # v7 decode (sm_90+: TMA-filled CTA-wide weight ring, one producer warp): tma_n<NT>r<RT>w<WR>;
+    # warps_m = WR consumer warps of RT 16-row tiles, stages = ring stages of pairs_per_stage pairs
     TileConfig("tma_n1r1w4", 16, 8, 4, 1, 4, "tma", 2, pairs_per_stage=2),
     TileConfig("tma_n1r1w8", 16, 8, 8, 1, 4, "tma", 2, pairs_per_stage=2),
     TileConfig("tma_n1r2w4", 32, 8, 4, 1, 3, "tma", 2, pairs_per_stage=2),

@@ -279,33 +279,35 @@ TMAP_UINT8, TMAP_UINT16 = 0, 1
 _TMAP_L2_PROMOTION_256B = 3
 
 
+def _encode_tiled():
+    return _libcuda_fn("cuTensorMapEncodeTiled", [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32] + [ctypes.c_void_p] * 5
+                       + [ctypes.c_int] * 4)
+
+
+def tensor_maps_available() -> bool:
+    """Whether TMA descriptors can be encoded here (libcuda's cuTensorMapEncodeTiled opens through ctypes)."""
+    return _encode_tiled() is not None
+
+
 def encode_tensor_map_2d(out_words, data_type: int, address: int, dims: tuple[int, int], row_stride: int,
                          box: tuple[int, int]) -> None:
     """Encode a 2-D tiled TMA descriptor (CUtensorMap, 128 bytes) into ``out_words`` (a ctypes array of
-    16 uint64): ``dims`` = (elements per row, rows), ``row_stride`` in bytes (multiple of 16), ``box`` =
-    (elements, rows) per copy; no interleave, no swizzle, out-of-bounds elements read as zero. Calls
-    libcuda's cuTensorMapEncodeTiled through ctypes, else cuda-python's binding."""
+    16 uint64) with libcuda's cuTensorMapEncodeTiled: ``dims`` = (elements per row, rows), ``row_stride`` in
+    bytes (multiple of 16), ``box`` = (elements, rows) per copy; no interleave, no swizzle, out-of-bounds
+    elements read as zero."""
+    fn = _encode_tiled()
+    if fn is None:
+        raise RuntimeError("venom_hf: libcuda's cuTensorMapEncodeTiled is not reachable through ctypes")
     dims64 = (ctypes.c_uint64 * 2)(*dims)
     strides64 = (ctypes.c_uint64 * 1)(row_stride)
     box32 = (ctypes.c_uint32 * 2)(*box)
     elem32 = (ctypes.c_uint32 * 2)(1, 1)
-    fn = _libcuda_fn("cuTensorMapEncodeTiled", [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32] + [ctypes.c_void_p] * 5
-                     + [ctypes.c_int] * 4)
-    if fn is not None:
-        err = fn(ctypes.addressof(out_words), data_type, 2, address, ctypes.addressof(dims64),
-                 ctypes.addressof(strides64), ctypes.addressof(box32), ctypes.addressof(elem32), 0, 0,
-                 _TMAP_L2_PROMOTION_256B, 0)
-        if err:
-            _, driver = _import_cuda()
-            _check_cu(driver, (driver.CUresult(err),), f"cuTensorMapEncodeTiled(dims={dims}, box={box})")
-        return
-    _, driver = _import_cuda()
-    tmap = _check_cu(driver, driver.cuTensorMapEncodeTiled(
-        driver.CUtensorMapDataType(data_type), 2, address, list(dims), [row_stride], list(box), [1, 1],
-        driver.CUtensorMapInterleave(0), driver.CUtensorMapSwizzle(0),
-        driver.CUtensorMapL2promotion(_TMAP_L2_PROMOTION_256B), driver.CUtensorMapFloatOOBfill(0)),
-        "cuTensorMapEncodeTiled")
-    ctypes.memmove(ctypes.addressof(out_words), int(tmap.getPtr()), 128)
+    err = fn(ctypes.addressof(out_words), data_type, 2, address, ctypes.addressof(dims64),
+             ctypes.addressof(strides64), ctypes.addressof(box32), ctypes.addressof(elem32), 0, 0,
+             _TMAP_L2_PROMOTION_256B, 0)
+    if err:
+        _, driver = _import_cuda()
+        _check_cu(driver, (driver.CUresult(err),), f"cuTensorMapEncodeTiled(dims={dims}, box={box})")
 
 
 _LIBCUDA_FNS: dict[str, object] = {}

@@ -115,6 +115,12 @@ def has_tma(arch: str) -> bool:
     return bool(digits) and int(digits) >= 90
 
 
+def device_has_tma(index: int) -> bool:
+    """Whether the v7 TMA decode kernel can run on a CUDA device: TMA in its architecture and the
+    descriptors encodable here (libcuda through ctypes)."""
+    return has_tma(_device_info(index)[0]) and _nvrtc.tensor_maps_available()
+
+
 _DEV_NAME: dict[int, str] = {}
 
 
@@ -610,8 +616,8 @@ def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, co
     """The launch plan of one call (None when no shipped instance fits: the caller runs the reference).
     The tensors must be CUDA, contiguous and 16-byte aligned, bias None or of ``dtype``."""
     Rp, Gp = values.shape[0], values.shape[1]
-    arch, num_sms, max_smem = _device_info(idx)
-    tma = has_tma(arch)
+    _, num_sms, max_smem = _device_info(idx)
+    tma = device_has_tma(idx)
     cfg = None
     if config is None and not os.environ.get("VENOM_HF_SPMM_CONFIG"):
         tuned = _dispatch.config_for(_device_name(idx), num_sms, v, m, Rp, Gp, T)
@@ -701,9 +707,9 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, 
 
 
 def _tunables() -> tuple:
-    return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS,
-            RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS,
-            KT128_MIN_CTAS_PER_SM)
+    return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
+            STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K,
+            KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM)
 
 
 @torch.library.custom_op("venom::spmm", mutates_args=())
