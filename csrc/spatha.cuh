@@ -1276,7 +1276,7 @@ __global__ void __launch_bounds__(RW * KS * 32)
 // v7 decode path (<= 16 tokens, sm_90+): spatha_spmm_tma -- the weight streams through a CTA-wide ring
 // of shared-memory stages filled by the Tensor Memory Accelerator (TMA), one producer warp, mbarriers.
 //
-// Why (docs/perf-notes.md, v5.2 / v7): the v4/v5 decode kernels stream the weight at ~1.5-2.2 TB/s of the
+// Why (docs/perf-notes.md, v5.2 / v7): the v4/v5 decode kernels stream the weight at ~1.5-2.5 TB/s of the
 // H200's 4.8: every lane issues its own 16-byte copies (v5: cp.async into a per-warp ring, v4: loads into
 // registers), so the bytes in flight per SM are bounded by warps x registers / ring slots, and the copies
 // themselves share the MIO queue with the x gathers. Here one thread per CTA asks the copy engine for
