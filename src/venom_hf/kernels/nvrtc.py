@@ -253,25 +253,10 @@ def kernel_args(param_struct) -> tuple[int, object]:
     return ctypes.addressof(arr), arr
 
 
-_RAW_LAUNCH: list = []
-
-
 def _raw_launch():
     """libcuda's cuLaunchKernel through ctypes (None where libcuda cannot be opened by name: then the
     cuda-python binding is used)."""
-    if not _RAW_LAUNCH:
-        fn = None
-        for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-            try:
-                fn = getattr(ctypes.CDLL(name), "cuLaunchKernel")
-                break
-            except (OSError, AttributeError):
-                continue
-        if fn is not None:
-            fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-        _RAW_LAUNCH.append(fn)
-    return _RAW_LAUNCH[0]
+    return _libcuda_fn("cuLaunchKernel", [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3)
 
 
 # CUtensorMap enums (cuda.h): data types, and the NONE / 256-byte-promotion values used here

@@ -322,13 +322,13 @@ def _stream_split(cfg, Rp: int, nsteps: int, m: int, num_sms: int, max_smem: int
     return _pair_steps(cfg, nsteps, split, m, cap)
 
 
-def _pair_steps(cfg, nsteps: int, split: int, m: int, cap: int, T: int = 0) -> tuple[int, int]:
-    """(split count, k-steps per split) of the decode kernels for a wanted split: whole pairs of k-steps per
-    split, fewer per split (more splits) until the CTA's shared memory fits ``cap``."""
-    steps = math.ceil(nsteps / split)
-    steps += steps % 2
-    while steps > 2 and cfg.smem_bytes(m, 2, steps, T) > cap:
-        steps -= 2
+def _pair_steps(cfg, nsteps: int, split: int, m: int, cap: int, T: int = 0, unit: int = 2) -> tuple[int, int]:
+    """(split count, k-steps per split) of the decode kernels for a wanted split: whole units of k-steps per
+    split (pairs; the TMA kernel: its ring stages), fewer per split (more splits) until the CTA's shared
+    memory fits ``cap``."""
+    steps = math.ceil(math.ceil(nsteps / split) / unit) * unit
+    while steps > unit and cfg.smem_bytes(m, 2, steps, T) > cap:
+        steps -= unit
     return math.ceil(nsteps / steps), steps
 
 
@@ -361,10 +361,7 @@ def _tma_split(cfg, T: int, Rp: int, Gp: int, m: int, num_sms: int, max_smem: in
         return 0, 0
     row_ctas = math.ceil(Rp / cfg.bm)
     split = max(1, min(round(TMA_CTAS_PER_SM * num_sms / row_ctas), math.ceil(nsteps / unit), 64))
-    steps = math.ceil(math.ceil(nsteps / split) / unit) * unit
-    while steps > unit and cfg.smem_bytes(m, 2, steps, T) > cap:
-        steps -= unit
-    return math.ceil(nsteps / steps), steps
+    return _pair_steps(cfg, nsteps, split, m, cap, T, unit)
 
 
 _CHOICES: dict[tuple, tuple] = {}
