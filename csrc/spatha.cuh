@@ -28,6 +28,10 @@
 // Epilogue: bias added in fp32, converted, staged through shared memory, 16-byte coalesced
 // stores. Split-K: each split writes fp32 partials to a workspace, reduced by spatha_splitk_reduce.
 //
+// Further below, each with its own header: the kt prefill kernel (v3), the decode kernels (v4 stream, v5
+// ring, v7 tma on sm_90+) and the sm_90a prefill kernel on sparse wgmma (v8, spatha_spmm_wg), which reads
+// the weight as 2:4 through a per-device chunk layout (docs/format.md, last section).
+//
 // No torch or CUDA headers are needed (NVRTC compiles this file alone).
 #pragma once
 
@@ -1481,6 +1485,345 @@ __global__ void __launch_bounds__(256) spatha_splitk_reduce(const ReduceParams p
     for (int k = 0; k < p.nsplit; ++k) s += p.ws[(long long)k * n + idx];
     y16[(long long)t * p.ldy + r] = from_float<BF16>(s);
   }
+}
+
+
+// D(64 x N, fp32) += A(64 x 32, 2:4 sparse, registers) * B(32 x N, shared memory, K-major, 128-byte
+// swizzle) for the warpgroup: one wgmma.mma_async.sp (sparsity selector 0: lanes 0, 1 of each quad hold
+// the metadata), asynchronous until wgmma_wait. Hopper sm_90a only.
+template <bool BF16, int N>
+__device__ __forceinline__ void wgmma_sp_rs(float* d, const unsigned (&a)[4], unsigned long long desc, unsigned e) {
+  static_assert(N == 64 || N == 128, "wgmma N");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if (N == 64) {
+    if (BF16) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.bf16.bf16 "
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                   "{%32, %33, %34, %35}, %36, %37, 0, p, 1, 1, 0;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                     "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                     "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e)
+                   : "memory");
+    } else {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 "
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                   "{%32, %33, %34, %35}, %36, %37, 0, p, 1, 1, 0;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                     "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                     "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e)
+                   : "memory");
+    }
+  }
+  if (N == 128) {
+    if (BF16) {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 "
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
+                   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
+                   "%59, %60, %61, %62, %63}, "
+                   "{%64, %65, %66, %67}, %68, %69, 0, p, 1, 1, 0;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                     "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                     "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                     "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+                     "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+                     "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+                     "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e)
+                   : "memory");
+    } else {
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 "
+                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
+                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
+                   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
+                   "%59, %60, %61, %62, %63}, "
+                   "{%64, %65, %66, %67}, %68, %69, 0, p, 1, 1, 0;\n}\n"
+                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
+                     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
+                     "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
+                     "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                     "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),
+                     "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+                     "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+                     "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e)
+                   : "memory");
+    }
+  }
+#endif
+}
+
+// =============================================================================================
+// v8 prefill (sm_90a): spatha_spmm_wg -- sparse wgmma over the weight read as plain 2:4.
+//
+// A V:2:M row keeps 2 values per group of M columns, so every 4-column chunk of K holds at most 2 of them:
+// the V:2:M weight IS a 2:4 weight over the full K (with extra zeros). This kernel runs it that way: B is
+// x itself (K-major, the rows of x as they are; no x^T copy and no column gather, so one x tile in shared
+// memory feeds every row of the CTA, as in a dense GEMM), A is the 2:4 form of the weight built in
+// registers from the canonical values. Tensor work is that of 2:4 (half of dense) for every M; what M buys
+// here is fewer weight bytes, not fewer MMAs.
+//
+// The per-chunk facts the 2:4 form needs (the two in-chunk positions of its slots, the metadata, and which
+// of the row's two values -- or zero -- fills each slot) do not depend on x: they are computed once per
+// device from columns/meta (venom_hf.format.wgmma_layout, the same bytes on the host and on the GPU) into
+// a "chunk layout" of 512 bytes per 64-row tile and 32-column k-step, in the order the threads read it:
+//   bytes   0..255: 64 metadata words, word w*16 + g*2 + h = the wgmma metadata register of the lanes
+//                   (warp w, lane group g, h = tig & 1): chunks 4h..4h+3 of row 16w+g (bits 0-15, one
+//                   nibble idx0 | idx1 << 2 per chunk) and of row 16w+g+8 (bits 16-31);
+//   bytes 256..511: 128 code half-words, one per lane (w, g, tig): the slot sources of chunks tig and tig+4
+//                   of row 16w+g (nibbles 0, 1) and of row 16w+g+8 (nibbles 2, 3); a nibble is
+//                   s0 | s1 << 2 with s = 0: the group's first kept value, 1: its second, 2: zero.
+// A register = one chunk = one 32-bit word of values (the group's 2 kept values) permuted by PRMT.
+//
+// CTA: 4 consumer warpgroups (64 rows each, BM = 256) x BN tokens, plus a producer warpgroup (its
+// registers go to the consumers: setmaxnreg 24 / 112) whose first lane issues, per stage of 128 columns:
+// two 64-column TMA boxes of x (128-byte swizzle: the wgmma B layout), one TMA box of values (256 rows x
+// 128/M words, swizzled by its row width so that the consumers' 4-byte loads are conflict-free) and 4 bulk
+// copies of the chunk layout; completion by mbarrier transaction count, S stages in flight. Each consumer
+// warpgroup works in half-stages of 2 k-steps: build their A registers and metadata, issue 2 wgmma
+// m64nBNk32 (A from registers, B by descriptor), commit them as one group, then wait until only that group
+// is in flight (two register sets, so the next half is built while one group runs); a stage is released
+// once its second half has completed. Epilogue: bias, conversion, staged through shared memory into
+// 16-byte row stores; split-K: fp32 partials, reduced by spatha_splitk_reduce.
+//
+// Grid: (ceil(Rp / 256), ceil(T / BN), nsplit). Block 640 threads (4 consumer warpgroups, 1 producer).
+// Host requirements: the tensor maps of WgParams made for these tensors (x: 16-byte aligned rows,
+// ldx % 8 == 0), M a power of two in 4..32, the chunk layout for roundup(Rp, 256) rows and
+// roundup(k-steps, 4) k-steps, stages_per_split whole stages.
+// Dynamic shared memory: S * (BN*256 + 256*512/M + 8192) + 1024 bytes (the regions are 1024-byte aligned).
+// Below sm_90a the kernel is compiled empty and never dispatched.
+// =============================================================================================
+struct WgParams {
+  TmaDesc x_map;       // x (T, ldx): dims {K, T}, box {64, BN}, 128-byte swizzle
+  TmaDesc values_map;  // values as 32-bit words (Rp, Gp): dims {Gp, Rp}, box {128/M, 256}, swizzle 512/M bytes
+  const unsigned char* layout;  // chunk layout: [roundup(Rp,256)/64 tiles][nks_pad k-steps][512 bytes]
+  const void* bias;             // (R,) or nullptr
+  void* y;                      // (T, ldy)
+  float* ws;                    // (nsplit, T, R) when nsplit > 1
+  long long ldy;
+  int T, R, Rp;
+  int nks_pad;                  // k-steps of 32 columns in the layout (a multiple of 4)
+  int stages_per_split;         // 128-column stages per split
+  int nsplit;
+  int log2m;
+};
+static_assert(sizeof(WgParams) == 384, "WgParams layout (the host mirror is ops._WgParams)");
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+  unsigned r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+// One A register: the slots (s0, s1) of a chunk from its group's value word (v0 | v1 << 16); c = s0 | s1 << 2,
+// s = 0: v0, 1: v1, 2: zero. 0x543210 holds the PRMT byte pairs of the three sources (bytes 4, 5: zero).
+__device__ __forceinline__ unsigned chunk_slots(unsigned word, unsigned c) {
+  const unsigned lut = (c & 3u) | ((c & 12u) << 2);  // s0 | s1 << 4
+  return prmt(word, 0u, prmt(0x00543210u, 0u, lut));
+}
+// A K-major, 128-byte-swizzled B tile (rows of 128 bytes, 8-row atoms of 1024 bytes) as a wgmma descriptor.
+__device__ __forceinline__ unsigned long long kmajor_sw128_desc(const void* p) {
+  const unsigned long long addr = smem_u32(p);
+  return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+template <bool BF16, int BN, int S>
+__global__ void __launch_bounds__(640, 1) spatha_spmm_wg(const __grid_constant__ WgParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BM = 256;
+  constexpr int B_BYTES = BN * 256;  // two boxes of BN rows x 128 bytes
+  constexpr int L_BYTES = 4 * 4 * 512;  // chunk layout: 4 tiles x 4 k-steps
+  static_assert(BN == 64 || BN == 128, "BN");
+  const int log2m = p.log2m;
+  const int vrow = 512 >> log2m;  // bytes of values per row and stage (128/M words)
+  const int V_BYTES = BM * vrow;
+  const int STAGE = B_BYTES + V_BYTES + L_BYTES;  // multiple of 1024
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ __align__(8) unsigned long long full[S];
+  __shared__ __align__(8) unsigned long long empty[S];
+  // 1024-byte alignment of the swizzled regions
+  unsigned char* stages =
+      smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const bool producer = warp >= 16;  // warpgroup 4
+  const int m0 = blockIdx.x * BM;
+  const int n0 = blockIdx.y * BN;
+  const int nst_all = p.nks_pad >> 2;
+  const int st0 = blockIdx.z * p.stages_per_split;
+  const int nst = min(nst_all, st0 + p.stages_per_split) - st0;
+
+  if (producer && lane == 0) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&p.x_map)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&p.values_map)) : "memory");
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], 16);  // lane 0 of every consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (producer) {
+    // the producer warpgroup needs few registers: hand them to the consumers (setmaxnreg, per warpgroup)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (warp == 16 && lane == 0) {
+      const unsigned char* lay = p.layout + ((long long)(m0 >> 6) * p.nks_pad) * 512;
+      for (int i = 0; i < nst; ++i) {
+        const int slot = i % S;
+        if (i >= S) mbar_wait(&empty[slot], ((i / S) - 1) & 1);
+        unsigned char* base = stages + slot * STAGE;
+        const int st = st0 + i;
+        mbar_expect_tx(&full[slot], STAGE);
+        tma_load_2d(base, &p.x_map, st * 128, n0, &full[slot]);
+        tma_load_2d(base + BN * 128, &p.x_map, st * 128 + 64, n0, &full[slot]);
+        tma_load_2d(base + B_BYTES, &p.values_map, st * (128 >> log2m), m0, &full[slot]);
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+          bulk_load(base + B_BYTES + V_BYTES + t * 2048, lay + ((long long)t * p.nks_pad + 4 * st) * 512, 2048,
+                    &full[slot]);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup wg owns rows m0 + 64*wg .. +63 -------------------------------------------
+  // the CTA's registers at launch (640 x 96) minus the producer's (128 x 24) leave 112 per consumer thread
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 112;\n" ::: "memory");
+  const int wg = warp >> 2;
+  const int wl = warp & 3;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int row0 = wg * 64 + wl * 16 + g;  // this lane's rows in the stage: row0 and row0 + 8
+  const unsigned vmask = static_cast<unsigned>((vrow >> 4) - 1);  // the values box swizzle: 16-byte chunks per row - 1
+  auto value_word = [&](const unsigned char* vs, int row, int chunk) -> unsigned {
+    const unsigned off = static_cast<unsigned>(row * vrow + ((chunk * 4) >> log2m) * 4);
+    return *reinterpret_cast<const unsigned*>(vs + (off ^ (((off >> 7) & vmask) << 4)));
+  };
+
+  constexpr int NACC = BN / 2;
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+
+  // Half a stage (k-steps 2h, 2h+1): build their A registers and metadata in `a`/`e`, issue 2 wgmma, commit
+  // them as one group. The group in flight keeps reading its registers until its wait, so the two halves
+  // use two register sets; each is rebuilt only after the wait that follows the next group's commit.
+  auto issue_half = [&](const unsigned char* base, int h, unsigned (&a)[2][4], unsigned (&e)[2]) {
+    const unsigned char* vs = base + B_BYTES;
+    const unsigned char* ls = vs + V_BYTES + wg * 2048;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int ks = 2 * h + u;
+      const unsigned char* lk = ls + ks * 512;
+      e[u] = *reinterpret_cast<const unsigned*>(lk + 4 * (wl * 16 + g * 2 + (tig & 1)));
+      const unsigned code = *reinterpret_cast<const unsigned short*>(lk + 256 + 2 * (wl * 32 + lane));
+      const int c0 = ks * 8 + tig;
+      a[u][0] = chunk_slots(value_word(vs, row0, c0), code);
+      a[u][2] = chunk_slots(value_word(vs, row0, c0 + 4), code >> 4);
+      a[u][1] = chunk_slots(value_word(vs, row0 + 8, c0), code >> 8);
+      a[u][3] = chunk_slots(value_word(vs, row0 + 8, c0 + 4), code >> 12);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int u = 0; u < 2; ++u)  // k-step 2h + u: box h, bytes 64u.. of each 128-byte row
+      wgmma_sp_rs<BF16, BN>(acc, a[u], kmajor_sw128_desc(base + h * (BN * 128) + u * 64), e[u]);
+    wgmma_commit();
+  };
+
+  unsigned ax[2][4], ex[2], ay[2][4], ey[2];
+  for (int i = 0; i < nst; ++i) {
+    const int slot = i % S;
+    mbar_wait(&full[slot], (i / S) & 1);
+    const unsigned char* base = stages + slot * STAGE;
+    issue_half(base, 0, ax, ex);
+    wgmma_wait<1>();  // the previous stage's second half is done: that stage may be refilled
+    if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % S]);
+    issue_half(base, 1, ay, ey);
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+
+  // ---- epilogue ----------------------------------------------------------------------------------------
+  // accumulator layout (per warp, as mma m16n8): acc[4j + 0, 1] = row g, tokens 8j + 2tig + {0, 1};
+  // acc[4j + 2, 3] = row g + 8, same tokens
+  const int r0 = m0 + row0;
+  if (p.nsplit > 1) {
+    float* ws = p.ws + (long long)blockIdx.z * p.T * p.R;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int t = n0 + 8 * j + 2 * tig + (v & 1);
+        const int r = r0 + 8 * (v >> 1);
+        if (t < p.T && r < p.R) ws[(long long)t * p.R + r] = acc[4 * j + v];
+      }
+    return;
+  }
+  const unsigned short* bias16 = reinterpret_cast<const unsigned short*>(p.bias);
+  const float b0 = (p.bias && r0 < p.R) ? to_float(bias16[r0], BF16) : 0.f;
+  const float b1 = (p.bias && r0 + 8 < p.R) ? to_float(bias16[r0 + 8], BF16) : 0.f;
+  // every consumer warpgroup is done with the stages: reuse them as [BN tokens][64 rows + 8] per warpgroup
+  asm volatile("bar.sync 1, 512;\n" ::: "memory");
+  constexpr int OP = 72;  // halves per staged token row (144 bytes: conflict-free transposed writes)
+  unsigned short* os = reinterpret_cast<unsigned short*>(stages) + wg * BN * OP;
+  const int lr = wl * 16 + g;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int t = 8 * j + 2 * tig + (v & 1);
+      os[t * OP + lr + 8 * (v >> 1)] = from_float<BF16>(acc[4 * j + v] + ((v >> 1) ? b1 : b0));
+    }
+  asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+  unsigned short* y = reinterpret_cast<unsigned short*>(p.y);
+  const int rb = m0 + wg * 64;
+  const int wtid = tid & 127;
+  const bool vec = (p.ldy % 8 == 0) && (rb + 64 <= p.R);
+  for (int idx = wtid; idx < BN * 8; idx += 128) {
+    const int t = idx >> 3;
+    const int ch = idx & 7;
+    if (n0 + t >= p.T) continue;
+    unsigned short* dst = y + (long long)(n0 + t) * p.ldy + rb + ch * 8;
+    const unsigned short* src = os + t * OP + ch * 8;
+    if (vec) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int k = 0; k < 8; ++k)
+        if (rb + ch * 8 + k < p.R) dst[k] = src[k];
+    }
+  }
+#endif
 }
 
 }  // namespace venom

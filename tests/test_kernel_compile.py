@@ -141,6 +141,34 @@ def test_tma_dispatch_rules():
                 assert 16 * c.rt * c.warps_m <= 256  # the TMA box height
 
 
+
+def test_wg_dispatch_rules():
+    """v8 sparse-wgmma prefill kernel: only on sm_90 (the sm_90a build), for M a power of two in 4..32, first in
+    the heuristic from WG_MIN_TOKENS for M <= WG_FIRST_MAX_M; whole 128-column stages per split, split-K only when the 256-row tiles
+    leave SMs idle; its stages fit the shared memory."""
+    assert [ops.has_wgmma(a) for a in ("sm_80", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")] == [
+        False, False, True, True, False, False]
+    wg_names = [c.name for c in configs.CONFIGS if c.kernel == "wg"]
+    for R, K, v, m in ((4096, 4096, 64, 8), (14336, 4096, 128, 16), (768, 768, 64, 4), (576, 1536, 32, 32),
+                       (4096, 4096, 64, 64), (1000, 1000, 16, 8)):
+        Rp, Gp = vf.packed_shapes(R, K, f"{v}:2:{m}")["values"][:2]
+        for T in (1, 16, 100, 128, 511, 512, 4096):
+            assert ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024)[0].kernel != "wg"
+            auto = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, wg=True)[0]
+            first = T >= ops.WG_MIN_TOKENS and m in ops.WG_MS and m <= ops.WG_FIRST_MAX_M
+            assert (auto.kernel == "wg") == first, (R, K, m, T, auto.name)
+            for name in wg_names:
+                c = configs.BY_NAME[name]
+                got, kw, split, steps = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, name, wg=True)
+                if got.name != name:
+                    assert m not in ops.WG_MS or c.smem_bytes(m, 1) > 227 * 1024
+                    continue
+                nst = ops.wg_stages(Gp, m)
+                assert split * steps >= nst > (split - 1) * steps
+                ctas = -(-Rp // 256) * -(-T // c.bn)
+                assert split == 1 or ctas * split <= 132
+                assert c.threads == 640 and c.bm == 256
+
 def test_tma_params_layout():
     """The ctypes mirror of csrc's TmaParams: two 128-byte tensor maps, then SpmmParams, padded to 64 bytes
     (the kernel's struct alignment; the driver copies sizeof(TmaParams) bytes)."""
@@ -154,6 +182,16 @@ def test_tma_params_layout():
     view = t.p
     view.T, view.nsplit = 7, 3  # the plan writes per-call fields through this view
     assert (t.p.T, t.p.nsplit) == (7, 3)
+
+
+def test_wg_params_layout():
+    """The ctypes mirror of csrc's WgParams: the x and values tensor maps, the pointers, then the ints, 384
+    bytes (the kernel's static_assert)."""
+    import ctypes
+
+    w = ops._WgParams
+    assert (w.x_map.offset, w.values_map.offset, w.layout.offset, w.ldy.offset, w.T.offset) == (0, 128, 256, 288, 296)
+    assert w.log2m.offset == 320 and ctypes.sizeof(w) == 384
 
 
 def test_tensor_map_encoding_needs_libcuda():

@@ -330,3 +330,89 @@ def test_deterministic():
         y1 = kernels.spmm(x, p.values, p.columns, p.meta, None, v, m, R)
         y2 = kernels.spmm(x, p.values, p.columns, p.meta, None, v, m, R)
         assert torch.equal(y1, y2)
+
+
+# --- v8 sparse-wgmma prefill kernel (sm_90a) ---------------------------------------------------------------
+WG = [c.name for c in configs.CONFIGS if c.kernel == "wg"]
+needs_wg = pytest.mark.skipif(not ops.device_has_wgmma(torch.cuda.current_device()),
+                              reason="the v8 kernel needs an sm_90 device (sm_90a build)")
+WG_CASES = [  # R, K, V, M, token counts: ragged rows (R % 256, R % 64), K % M != 0, K < one stage
+    (4096, 4096, 64, 8, (1, 300, 4099)), (1536, 576, 64, 16, (3, 65, 1000)), (200, 264, 32, 4, (17, 300)),
+    (136, 520, 128, 32, (65, 129)), (768, 3072, 128, 8, (1000,)), (320, 1000, 16, 8, (77, 300)),
+]
+
+
+@needs_wg
+@pytest.mark.parametrize("cfg", WG)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wg_kernel(cfg, dtype):
+    c = configs.BY_NAME[cfg]
+    for R, K, v, m, tokens in WG_CASES:
+        for T in tokens:
+            p, _ = packed_weight(R, K, v, m, dtype)
+            chosen, _, split, steps = ops.choose_config(T, p.values.shape[0], p.values.shape[1], v, m, 132,
+                                                        227 * 1024, cfg, wg=True)
+            if chosen.name != cfg:  # the one documented fallback: the stages do not fit in shared memory
+                assert c.smem_bytes(m, 1) > 227 * 1024
+                continue
+            assert split * steps >= ops.wg_stages(p.values.shape[1], m) > (split - 1) * steps
+            run_case(R, K, v, m, dtype, T, bias=(T % 2 == 1), config=cfg)
+
+
+@needs_wg
+def test_wg_split_k_and_deterministic(monkeypatch):
+    R, K, v, m, dtype = 1024, 4096, 64, 8, torch.bfloat16  # 4 x 2 tiles at 256 tokens: split-K
+    p, wd = packed_weight(R, K, v, m, dtype)
+    x = torch.randn(256, K, device=DEV).to(dtype)
+    cfg, _, split, steps = ops.choose_config(256, 1024, p.values.shape[1], v, m, 132, 227 * 1024, "wg256x128s3",
+                                             wg=True)
+    assert cfg.kernel == "wg" and split > 1
+    ys = [ops._spmm_cuda(x, p.values, p.columns, p.meta, None, v, m, R, config="wg256x128s3") for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    check(ys[0], x, wd, None, dtype, "wg split")
+
+
+@needs_wg
+def test_wg_layout_built_once_matches_format_and_freed():
+    R, K, v, m, dtype = 512, 1024, 64, 16, torch.float16
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    w = torch.randn(R, K, generator=gen, device=DEV).to(dtype)
+    p = vf.pack(w, f"{v}:2:{m}", mask=random_vnm_mask(R, K, v, m, gen))
+    idx = torch.cuda.current_device()
+    a = ops.wg_layout(p.values, p.columns, p.meta, v, m, idx)
+    assert ops.wg_layout(p.values, p.columns, p.meta, v, m, idx) == a  # cached
+    want = vf.wgmma_layout(p.columns.cpu(), p.meta.cpu(), f"{v}:2:{m}", R)
+    got = torch.empty(want.numel(), dtype=torch.uint8, device=DEV)
+    from venom_hf.kernels import nvrtc
+
+    torch.cuda.synchronize()
+    nvrtc.copy_async(got.data_ptr(), a, want.numel(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), want.reshape(-1))  # the device build is the format module's, bit for bit
+    n = len(ops._WG_LAYOUTS)
+    del p
+    import gc
+
+    gc.collect()
+    assert len(ops._WG_LAYOUTS) == n - 1  # freed with its weight
+
+
+@needs_wg
+def test_wg_cuda_graph_and_capture_fallback():
+    R, K, v, m, dtype = 2048, 1024, 64, 8, torch.bfloat16
+    T = 512
+    for warm in (True, False):  # warm: layout built before capture (wg kernel in the graph); cold: fallback
+        p, wd = packed_weight(R, K, v, m, dtype, seed=int(warm))
+        xs = torch.randn(T, K, device=DEV).to(dtype)
+        if warm:
+            kernels.spmm(xs, p.values, p.columns, p.meta, None, v, m, R)
+        ops._PLANS.clear()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ys = kernels.spmm(xs, p.values, p.columns, p.meta, None, v, m, R)
+        xs.copy_(torch.randn(T, K, device=DEV).to(dtype))
+        ys.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        check(ys, xs, wd, None, dtype, f"wg graph warm={warm}")

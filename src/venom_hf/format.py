@@ -33,6 +33,7 @@ __all__ = [
     "validate_tensors",
     "vnm_linear",
     "packed_shapes",
+    "wgmma_layout",
 ]
 
 logger = logging.getLogger("venom_hf")
@@ -488,3 +489,98 @@ def vnm_linear(x: torch.Tensor, packed: PackedVNM, bias: torch.Tensor | None = N
         raise VNMFormatError(f"bias must have shape ({R},), got {tuple(bias.shape)}")
     w = unpack(packed).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------- device layouts
+WGMMA_TILE_ROWS = 64  # rows per wgmma warpgroup tile
+WGMMA_CTA_ROWS = 256  # rows per CTA of the sm_90a kernel (the layout covers whole CTAs)
+WGMMA_STAGE_STEPS = 4  # 32-column k-steps per pipeline stage (the layout covers whole stages)
+
+
+def wgmma_layout(columns: torch.Tensor, meta: torch.Tensor, spec: VNMSpec | str, rows: int) -> torch.Tensor:
+    """The chunk layout of the sm_90a kernel (``spatha_spmm_wg``, csrc/spatha.cuh): the packed weight read
+    as plain 2:4 over its full padded width. Derived from ``columns``/``meta`` only (not stored, not saved);
+    the kernel takes the 2 kept values of each group straight from the canonical ``values``.
+
+    Every 4-column chunk of a V:2:M row holds at most 2 kept values. Per (row, chunk): the two 2:4 slots'
+    positions in the chunk (``idx0 < idx1``, the metadata nibble ``idx0 | idx1 << 2``) and their sources
+    ``s0``, ``s1`` (0: the group's first kept value, 1: its second, 2: zero), as a nibble ``s0 | s1 << 2``.
+    Returned as uint8 ``(tiles, steps, 512)``: tiles of 64 rows (``roundup(rows, 256) / 64``; rows >= ``rows``
+    and chunks past the stored groups are all-zero slots), k-steps of 32 columns (a multiple of 4); per
+    (tile, k-step), in the order the kernel's threads read them:
+      bytes 0..255: 64 little-endian words, word ``w*16 + g*2 + h`` = nibbles of chunks ``4h..4h+3`` of row
+        ``16w + g`` (bits 0-15) and of row ``16w + g + 8`` (bits 16-31): the wgmma metadata register;
+      bytes 256..511: 128 half-words, half-word ``w*32 + g*4 + t`` = source nibbles of chunks ``t``, ``t+4``
+        of row ``16w + g`` (bits 0-3, 4-7) and of row ``16w + g + 8`` (bits 8-11, 12-15).
+    """
+    spec = VNMSpec.parse(spec)
+    if spec.m % 4:
+        raise VNMFormatError(f"wgmma_layout needs M % 4 == 0 (chunks of 4 columns inside one group), got M={spec.m}")
+    rb, gp = columns.shape[:2]
+    rp = meta.shape[0]
+    if rp != rb * spec.v or rows > rp:
+        raise VNMFormatError(f"wgmma_layout: meta has {rp} rows, columns {rb} blocks of V={spec.v}, rows={rows}")
+    nks = _round_up(_round_up(gp * spec.m, 32) // 32, WGMMA_STAGE_STEPS)
+    rpad = _round_up(max(rows, 1), WGMMA_CTA_ROWS)
+    step = 8 * WGMMA_CTA_ROWS  # rows per pass: bounded temporaries on big layers
+    parts = [_wgmma_layout_rows(columns, meta, spec, rows, r0, min(rpad, r0 + step), nks)
+             for r0 in range(0, rpad, step)]
+    return torch.cat(parts, 0)
+
+
+def _wgmma_layout_rows(columns, meta, spec: VNMSpec, rows: int, r0: int, r1: int, nks: int) -> torch.Tensor:
+    """``wgmma_layout`` for rows r0..r1-1 (whole 64-row tiles)."""
+    dev = columns.device
+    gp = columns.shape[1]
+    nq = nks * 8  # chunks
+    q = torch.arange(nq, device=dev)
+    grp = (4 * q) // spec.m
+    off = (4 * q) % spec.m
+    gvalid = grp < gp
+    grp = grp.clamp(max=gp - 1)
+    nib = torch.full((r1 - r0, nq), 0b0100, dtype=torch.long, device=dev)  # no kept value: slots (0, 1) ...
+    src = torch.full((r1 - r0, nq), 0b1010, dtype=torch.long, device=dev)  # ... both zero
+    hi = min(rows, r1)
+    if hi > r0:
+        r = torch.arange(r0, hi, device=dev)
+        m8 = meta[r0:hi].long()[:, grp]  # (rows, nq)
+        cols = columns[r // spec.v].long()[:, grp]  # (rows, nq, 4)
+        c0 = cols.gather(-1, (m8 & 3)[..., None])[..., 0] - off
+        c1 = cols.gather(-1, ((m8 >> 2) & 3)[..., None])[..., 0] - off
+        del cols
+        in0 = (c0 >= 0) & (c0 < 4) & gvalid
+        in1 = (c1 >= 0) & (c1 < 4) & gvalid
+        idx0 = torch.zeros_like(c0)
+        idx1 = torch.ones_like(c0)
+        s0 = torch.full_like(c0, 2)
+        s1 = torch.full_like(c0, 2)
+        both = in0 & in1
+        idx0 = torch.where(both, c0, idx0)
+        idx1 = torch.where(both, c1, idx1)
+        s0 = torch.where(both, 0, s0)
+        s1 = torch.where(both, 1, s1)
+        for inside, c, s in ((in0 & ~in1, c0, 0), (in1 & ~in0, c1, 1)):
+            low = inside & (c < 3)  # the value in slot 0 at c, a zero in slot 1 at 3
+            high = inside & (c == 3)  # a zero in slot 0 at 0, the value in slot 1 at 3
+            idx0 = torch.where(low, c, torch.where(high, 0, idx0))
+            idx1 = torch.where(low | high, 3, idx1)
+            s0 = torch.where(low, s, torch.where(high, 2, s0))
+            s1 = torch.where(low, 2, torch.where(high, s, s1))
+        nib[: hi - r0] = idx0 | (idx1 << 2)
+        src[: hi - r0] = s0 | (s1 << 2)
+    tiles = (r1 - r0) // WGMMA_TILE_ROWS
+    shift4 = 4 * torch.arange(4, device=dev)
+    # rows: 64t + 16w + 8*half + g; chunks: 8k + 4h + j
+    nib = nib.view(tiles, 4, 2, 8, nks, 2, 4)
+    words = (nib << shift4).sum(-1)  # (t, w, half, g, k, h)
+    words = words[:, :, 0] | (words[:, :, 1] << 16)  # (t, w, g, k, h)
+    words = words.permute(0, 3, 1, 2, 4).reshape(tiles, nks, 64)
+    # chunks: 8k + 4*hi + t (hi: chunk t or t + 4)
+    src = src.view(tiles, 4, 2, 8, nks, 2, 4)
+    halves = (src[:, :, 0, :, :, 0] | (src[:, :, 0, :, :, 1] << 4) | (src[:, :, 1, :, :, 0] << 8)
+              | (src[:, :, 1, :, :, 1] << 12))  # (t, w, g, k, tig)
+    halves = halves.permute(0, 3, 1, 2, 4).reshape(tiles, nks, 128)
+    shift8 = 8 * torch.arange(4, device=dev)
+    wbytes = ((words[..., None] >> shift8) & 255).to(torch.uint8)  # (t, k, 64, 4)
+    hbytes = ((halves[..., None] >> shift8[:2]) & 255).to(torch.uint8)  # (t, k, 128, 2)
+    return torch.cat([wbytes.reshape(tiles, nks, 256), hbytes.reshape(tiles, nks, 256)], -1)

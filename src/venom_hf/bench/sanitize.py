@@ -54,13 +54,15 @@ def card() -> tuple[int, int]:
 def accepted(c, case, nsm: int, smem: int) -> bool:
     R, K, v, m, T = case
     rp, gp, _ = vf.packed_shapes(R, K, f"{v}:2:{m}")["values"]
-    return ops.choose_config(T, rp, gp, v, m, nsm, smem, c.name)[0] is c
+    idx = torch.cuda.current_device()
+    tma, wg = ops.device_has_tma(idx), ops.device_has_wgmma(idx)
+    return ops.choose_config(T, rp, gp, v, m, nsm, smem, c.name, tma, wg)[0] is c
 
 
 def _natural(c, tokens: int) -> bool:
-    if c.kernel in ("stream", "ring"):
+    if c.kernel in ("stream", "ring", "tma"):
         return tokens <= c.bn
-    if c.kernel == "kt":
+    if c.kernel in ("kt", "wg"):
         return tokens > 64
     return tokens <= 16 if c.name.startswith("decode") else tokens > 16
 

@@ -148,6 +148,7 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(0)
     nsm, smem = props.multi_processor_count, int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
     tma = ops.device_has_tma(torch.cuda.current_device())
+    wg = ops.device_has_wgmma(torch.cuda.current_device())
     L2_BYTES = int(getattr(props, "L2_cache_size", 0) or L2_BYTES)
     card = torch.cuda.get_device_name()
     print(f"card: {card}, torch {torch.__version__}, SMs {nsm}, L2 {L2_BYTES / 2**20:.0f} MB")
@@ -202,14 +203,14 @@ def main(argv=None):
                 print(f"sweep {R}x{K} T={T} transpose alone {tr_us:8.1f} us")
                 sweep.append(dict(R=R, K=K, T=T, spec=spec, config="transpose-only", us=tr_us, dense_us=dense_us))
             for c in configs.CONFIGS:
-                if s.v % (c.bm if c.kernel == "kt" else c.wm):
+                if c.kernel != "wg" and s.v % (c.bm if c.kernel == "kt" else c.wm):
                     continue
                 if args.sweep_configs and not any(f in c.name for f in args.sweep_configs.split(",")):
                     continue
-                if T > 16 and not (c.kernel == "kt" or c.name in ("large64", "huge64", "large32")):
+                if T > 16 and not (c.kernel in ("kt", "wg") or c.name in ("large64", "huge64", "large32")):
                     continue
                 if ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem,
-                                     c.name, tma)[0].name != c.name:
+                                     c.name, tma, wg)[0].name != c.name:
                     continue  # the config declines this case (the search would fall back): no mislabelled row
                 if T <= 16 and not (c.decode and T <= c.bn or c.name == "decode16x8"):
                     continue
@@ -227,7 +228,7 @@ def main(argv=None):
                     err = ((y.double() - x.double() @ wd.T).norm() / (x.double() @ wd.T).norm()).item()
                     us = time_graph(fn)
                     split = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem, c.name,
-                                              tma)[2]
+                                              tma, wg)[2]
                     label = c.name + (f"@{cps:g}/s{split}" if cps is not None else "")
                     wbytes = sum(t.numel() * t.element_size() for t in (p.values, p.columns, p.meta))
                     sweep.append(dict(R=R, K=K, T=T, spec=spec, config=label, us=us, dense_us=dense_us, rel_err=err,
@@ -284,7 +285,7 @@ def main(argv=None):
                     else:
                         us = time_graph(lambda: kernels.spmm(x, p.values, p.columns, p.meta, None, s.v, s.m, R))
                     cfg, kw, split, _ = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, nsm, smem,
-                                                          None, tma)
+                                                          None, tma, wg)
                     wbytes = sum(t.numel() * t.element_size() for t in (p.values, p.columns, p.meta))
                     xbytes = T * K * x.element_size() + T * R * x.element_size()
                     row = dict(

@@ -55,7 +55,8 @@ def padded(R: int, K: int, spec) -> tuple[int, int]:
     return rp, gp
 
 
-def candidates(T: int, rows: int, groups: int, spec, num_sms: int, max_smem: int, tma: bool = False) -> list[str]:
+def candidates(T: int, rows: int, groups: int, spec, num_sms: int, max_smem: int, tma: bool = False,
+               wg: bool = False) -> list[str]:
     """Config names that would really run this call when forced (a forced config that does not fit falls
     back in the search: those are left out), of the kernels meant for this token count."""
     from venom_hf.kernels import configs, dispatch, ops
@@ -67,17 +68,17 @@ def candidates(T: int, rows: int, groups: int, spec, num_sms: int, max_smem: int
         decode_kernel = c.decode or c.name.startswith("decode")
         if (T <= dispatch.DECODE_MAX_TOKENS) != decode_kernel and not (c.kernel == "v2" and T <= 64):
             continue
-        got = ops.choose_config(T, rows, groups, spec.v, spec.m, num_sms, max_smem, c.name, tma)[0]
+        got = ops.choose_config(T, rows, groups, spec.v, spec.m, num_sms, max_smem, c.name, tma, wg)[0]
         if got is not None and got.name == c.name:
             out.append(c.name)
     return out
 
 
 def heuristic_choice(T: int, rows: int, groups: int, spec, num_sms: int, max_smem: int,
-                     tma: bool = False) -> str | None:
+                     tma: bool = False, wg: bool = False) -> str | None:
     from venom_hf.kernels import ops
 
-    c = ops._search_config(T, rows, groups, spec.v, spec.m, num_sms, max_smem, None, tma)[0]
+    c = ops._search_config(T, rows, groups, spec.v, spec.m, num_sms, max_smem, None, tma, wg)[0]
     return None if c is None else c.name
 
 
@@ -91,7 +92,8 @@ def random_layer(R: int, K: int, spec, dtype, gen):
     return w, vf.pack(w, spec, mask=S.random_vnm_mask(R, K, spec.v, spec.m, gen))
 
 
-def tune_case(w: torch.Tensor, p, spec, T: int, gen, num_sms: int, max_smem: int, tma: bool = False) -> dict:
+def tune_case(w: torch.Tensor, p, spec, T: int, gen, num_sms: int, max_smem: int, tma: bool = False,
+              wg: bool = False) -> dict:
     """Time every candidate config of one (layer, format, tokens) case; the entry with its timings."""
     import venom_hf as vf
     from venom_hf.kernels import ops
@@ -103,7 +105,7 @@ def tune_case(w: torch.Tensor, p, spec, T: int, gen, num_sms: int, max_smem: int
     rows, groups = p.values.shape[0], p.values.shape[1]
     x = torch.randn(T, K, device="cuda", generator=gen).to(dtype)
     ref = x.double() @ vf.unpack(p).double().t()
-    names = candidates(T, rows, groups, spec, num_sms, max_smem, tma)
+    names = candidates(T, rows, groups, spec, num_sms, max_smem, tma, wg)
     times, errors = {}, {}
     wbytes = S.nbytes(p.values, p.columns, p.meta)
     for name in names:
@@ -120,7 +122,7 @@ def tune_case(w: torch.Tensor, p, spec, T: int, gen, num_sms: int, max_smem: int
         except Exception as e:  # noqa: BLE001 - a config that fails here is not picked; the report says why
             errors[name] = f"{type(e).__name__}: {e}"
     dense_us = S.time_graph(S.cold(lambda w_: torch.nn.functional.linear(x, w_), [w], S.nbytes(w)))
-    heur = heuristic_choice(T, rows, groups, spec, num_sms, max_smem, tma)
+    heur = heuristic_choice(T, rows, groups, spec, num_sms, max_smem, tma, wg)
     entry = {"v": spec.v, "m": spec.m, "rows": rows, "groups": groups, "tokens": T, "shape": [R, K],
              "dense_us": round(dense_us, 2), "heuristic": heur,
              "heuristic_us": None if heur not in times else round(times[heur], 2)}
@@ -281,7 +283,8 @@ def main(argv=None) -> int:
         if layer is None or layer[0] != (R, K, str(s)):
             layer = ((R, K, str(s)), *random_layer(R, K, s, dtype, gen))
             torch.cuda.empty_cache()
-        e = tune_case(layer[1], layer[2], s, T, gen, num_sms, max_smem, ops.device_has_tma(idx))
+        e = tune_case(layer[1], layer[2], s, T, gen, num_sms, max_smem, ops.device_has_tma(idx),
+                      ops.device_has_wgmma(idx))
         e["layer"] = name
         entries.append(e)
     layer = None

@@ -3,12 +3,15 @@
 A config is (WM, WN, WARPS_M, WARPS_N, STAGES) plus KW (k-steps per pipeline window); see
 csrc/spatha.cuh. CTA tile = (WM*WARPS_M) output features x (WN*WARPS_N) tokens.
 
-Two kernels:
+The kernels:
 * ``v2`` (``spatha_spmm``): reads x as it is (row-major); KW is chosen per call from M so that the
   x span per window stays ~256 columns. WM must divide V. Used for decode / few tokens.
 * ``kt`` (``spatha_spmm_kt``, v3): prefill. One transpose of x per call (``spatha_transpose``), then
   16-byte gathers of the selected rows of x^T; KW is fixed per config (the B tile does not depend on
   M). The CTA's rows lie in one V-block: BM must divide V.
+* ``stream`` / ``ring`` / ``tma`` (v4, v5, v7): decode, <= 16 tokens.
+* ``wg`` (``spatha_spmm_wg``, v8, sm_90a only): prefill with sparse wgmma over the weight read as 2:4;
+  256 rows (4 consumer warpgroups) x BN tokens per CTA, ``stages`` TMA stages of 128 columns.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class TileConfig:
 
     @property
     def bm(self) -> int:
-        return self.wm * self.warps_m
+        return self.wm * self.warps_m if self.kernel != "wg" else 256
 
     @property
     def bn(self) -> int:
@@ -47,13 +50,15 @@ class TileConfig:
 
     @property
     def threads(self) -> int:
-        # tma: warps_m consumer warps + the producer warp
+        # tma: warps_m consumer warps + the producer warp; wg: 4 consumer warpgroups + the producer warpgroup
+        if self.kernel == "wg":
+            return 640
         return 32 * (self.warps_m * self.warps_n + (self.kernel == "tma"))
 
     @property
     def kws(self) -> tuple[int, ...]:
         """The KW values this config is built with."""
-        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring", "tma") else KWS
+        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring", "tma", "wg") else KWS
 
     @property
     def rt(self) -> int:
@@ -69,6 +74,8 @@ class TileConfig:
     def smem_bytes(self, m: int, kw: int, steps: int = 0, tokens: int = 0) -> int:
         """Dynamic shared memory of one launch (kt: + the column indices of ``steps`` k-steps; ring: x is
         staged for min(tokens, bn) rows, all bn when tokens is 0)."""
+        if self.kernel == "wg":  # per stage: x boxes + values box + chunk layout; + 1 KB for the alignment
+            return self.stages * (self.bn * 256 + 256 * 512 // m + 8192) + 1024
         if self.kernel == "ring":  # weight ring + x chunk + column words + the k-split partials
             steps = steps + steps % 2
             rows = min(tokens, self.bn) if tokens else self.bn
@@ -90,6 +97,8 @@ class TileConfig:
 
     def expr(self, bf16: bool, kw: int) -> str:
         b = "true" if bf16 else "false"
+        if self.kernel == "wg":  # spatha_spmm_wg<BF16, BN, S>
+            return f"venom::spatha_spmm_wg<{b}, {self.bn}, {self.stages}>"
         if self.kernel == "ring":  # spatha_spmm_ring<BF16, NT, RT, RW, KS, S[, SEL]>
             sel = ", true" if self.sel else ""
             return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
@@ -141,6 +150,10 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("tma_n2r2w4", 32, 16, 4, 1, 3, "tma", 2, pairs_per_stage=2),
     TileConfig("tma_n1r2w8", 32, 8, 8, 1, 4, "tma", 2, pairs_per_stage=1),
     TileConfig("tma_n2r2w8", 32, 16, 8, 1, 4, "tma", 2, pairs_per_stage=1),
+    # v8 prefill (sm_90a: sparse wgmma, the weight as 2:4 over the full K, x tiles by TMA): wg256x<BN>s<S>
+    TileConfig("wg256x128s3", 64, 128, 4, 1, 3, "wg", 1),
+    TileConfig("wg256x128s4", 64, 128, 4, 1, 4, "wg", 1),
+    TileConfig("wg256x64s4", 64, 64, 4, 1, 4, "wg", 1),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 

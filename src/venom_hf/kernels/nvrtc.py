@@ -259,8 +259,9 @@ def _raw_launch():
     return _libcuda_fn("cuLaunchKernel", [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3)
 
 
-# CUtensorMap enums (cuda.h): data types, and the NONE / 256-byte-promotion values used here
-TMAP_UINT8, TMAP_UINT16 = 0, 1
+# CUtensorMap enums (cuda.h): data types, swizzle modes (by span in bytes), the 256-byte L2 promotion
+TMAP_UINT8, TMAP_UINT16, TMAP_UINT32 = 0, 1, 2
+TMAP_SWIZZLE = {0: 0, 32: 1, 64: 2, 128: 3}
 _TMAP_L2_PROMOTION_256B = 3
 
 
@@ -275,11 +276,12 @@ def tensor_maps_available() -> bool:
 
 
 def encode_tensor_map_2d(out_words, data_type: int, address: int, dims: tuple[int, int], row_stride: int,
-                         box: tuple[int, int]) -> None:
+                         box: tuple[int, int], swizzle: int = 0) -> None:
     """Encode a 2-D tiled TMA descriptor (CUtensorMap, 128 bytes) into ``out_words`` (a ctypes array of
     16 uint64) with libcuda's cuTensorMapEncodeTiled: ``dims`` = (elements per row, rows), ``row_stride`` in
-    bytes (multiple of 16), ``box`` = (elements, rows) per copy; no interleave, no swizzle, out-of-bounds
-    elements read as zero."""
+    bytes (multiple of 16), ``box`` = (elements, rows) per copy, ``swizzle`` the shared-memory swizzle span
+    in bytes (0, 32, 64, 128; at least the box row's bytes); no interleave, out-of-bounds elements read as
+    zero."""
     fn = _encode_tiled()
     if fn is None:
         raise RuntimeError("venom_hf: libcuda's cuTensorMapEncodeTiled is not reachable through ctypes")
@@ -288,7 +290,7 @@ def encode_tensor_map_2d(out_words, data_type: int, address: int, dims: tuple[in
     box32 = (ctypes.c_uint32 * 2)(*box)
     elem32 = (ctypes.c_uint32 * 2)(1, 1)
     err = fn(ctypes.addressof(out_words), data_type, 2, address, ctypes.addressof(dims64),
-             ctypes.addressof(strides64), ctypes.addressof(box32), ctypes.addressof(elem32), 0, 0,
+             ctypes.addressof(strides64), ctypes.addressof(box32), ctypes.addressof(elem32), 0, TMAP_SWIZZLE[swizzle],
              _TMAP_L2_PROMOTION_256B, 0)
     if err:
         _, driver = _import_cuda()
@@ -322,6 +324,27 @@ def _ensure_context(driver, device_index: int):
         dev = _check_cu(driver, driver.cuDeviceGet(device_index), "cuDeviceGet")
         ctx = _check_cu(driver, driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
         _check_cu(driver, driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+def alloc_bytes(n: int, device_index: int) -> int:
+    """``n`` bytes of device memory straight from the driver, outside torch's allocator and every CUDA-graph
+    pool (for derived weight layouts that live as long as the weight; see ``free``). Not during capture."""
+    _, driver = _import_cuda()
+    _ensure_context(driver, device_index)
+    return int(_check_cu(driver, driver.cuMemAlloc(max(n, 16)), "cuMemAlloc"))
+
+
+def free(ptr: int) -> None:
+    """Give back memory from ``alloc_bytes`` (waits for the work that may still read it)."""
+    _, driver = _import_cuda()
+    _check_cu(driver, driver.cuCtxSynchronize(), "cuCtxSynchronize")
+    _check_cu(driver, driver.cuMemFree(ptr), "cuMemFree")
+
+
+def copy_async(dst: int, src: int, n: int, stream: int) -> None:
+    """Device-to-device copy of ``n`` bytes on ``stream`` (a raw CUstream handle)."""
+    _, driver = _import_cuda()
+    _check_cu(driver, driver.cuMemcpyDtoDAsync(dst, src, n, stream), "cuMemcpyDtoDAsync")
 
 
 def alloc_zeroed_words(n: int, device_index: int) -> int:

@@ -1,11 +1,15 @@
 """``torch.ops.venom.spmm``: y = x @ W^T (+ bias) for a V:2:M weight in the canonical packed layout.
 
 The CUDA path runs the Spatha kernels of csrc/spatha.cuh (built by NVRTC, see nvrtc.py) directly on the
-canonical tensors of docs/format.md (no weight re-layout, no cache of derived tensors):
-* decode (<= 16 tokens): the v5 ring kernel (weights through a per-warp cp.async ring, K split among a
-  CTA's warps), the v4 register weight-stream kernel where the H100 sweep says it wins, v2 as fallback;
+canonical tensors of docs/format.md:
+* decode (<= 16 tokens): the v7 TMA kernel (sm_90+) on big layers, the v5 ring kernel (weights through a
+  per-warp cp.async ring, K split among a CTA's warps), the v4 register weight-stream kernel where the
+  sweeps say it wins, v2 as fallback;
 * 17-64 tokens: the v2 kernel;
-* prefill (>= 65 tokens): one K-major copy of the activations per call (x^T) + the kt gather kernel.
+* prefill (>= 65 tokens): one K-major copy of the activations per call (x^T) + the kt gather kernel; on
+  sm_90 (sm_90a build), from ``WG_MIN_TOKENS`` tokens at M <= ``WG_FIRST_MAX_M``, the v8 sparse-wgmma
+  kernel, which reads the weight as 2:4 through a derived "chunk layout" (format.wgmma_layout, built once
+  per weight on its device, 1/8 of the dense weight's bytes, ``wg_layout``).
 That is the built-in heuristic (``_search_config``, tuned on an H100). Where the card has a measured
 dispatch table (dispatch.py: shipped per card, or written by ``venom-hf tune``) with an entry for the layer
 shape and token count, ``make_plan`` takes the table's config instead, if it fits the call.
@@ -24,12 +28,13 @@ import ctypes
 import math
 import os
 import threading
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..format import VNMSpec, unpack_tensors
+from ..format import VNMSpec, unpack_tensors, wgmma_layout
 from . import configs as _cfg
 from . import dispatch as _dispatch
 from . import nvrtc as _nvrtc
@@ -67,6 +72,27 @@ class _TmaParams(ctypes.Structure):
         ("meta_map", ctypes.c_uint64 * 16),
         ("p", _SpmmParams),
         ("_pad", ctypes.c_char * ((-ctypes.sizeof(_SpmmParams)) % 64)),
+    ]
+
+
+class _WgParams(ctypes.Structure):
+    """csrc/spatha.cuh WgParams (384 bytes): the x and values tensor maps, then the plain fields."""
+    _fields_ = [
+        ("x_map", ctypes.c_uint64 * 16),
+        ("values_map", ctypes.c_uint64 * 16),
+        ("layout", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("ws", ctypes.c_void_p),
+        ("ldy", ctypes.c_longlong),
+        ("T", ctypes.c_int),
+        ("R", ctypes.c_int),
+        ("Rp", ctypes.c_int),
+        ("nks_pad", ctypes.c_int),
+        ("stages_per_split", ctypes.c_int),
+        ("nsplit", ctypes.c_int),
+        ("log2m", ctypes.c_int),
+        ("_pad", ctypes.c_char * 60),
     ]
 
 
@@ -119,6 +145,20 @@ def device_has_tma(index: int) -> bool:
     """Whether the v7 TMA decode kernel can run on a CUDA device: TMA in its architecture and the
     descriptors encodable here (libcuda through ctypes)."""
     return has_tma(_device_info(index)[0]) and _nvrtc.tensor_maps_available()
+
+
+def has_wgmma(arch: str) -> bool:
+    """Whether an ``sm_XY`` architecture runs the sm_90a build (``wgmma``; the ``a`` targets run on their
+    own architecture only)."""
+    return arch in ("sm_90", "sm_90a")
+
+
+def device_has_wgmma(index: int) -> bool:
+    """Whether the v8 sparse-wgmma prefill kernel can run on a CUDA device (sm_90, TMA descriptors)."""
+    return has_wgmma(_device_info(index)[0]) and _nvrtc.tensor_maps_available()
+
+
+WG_ARCH = "sm_90a"
 
 
 _DEV_NAME: dict[int, str] = {}
@@ -215,6 +255,40 @@ _PREFILL_V2 = ["huge64", "large64", "large32", "large16"]
 # tokens (Llama-7B qkvo 512 tok: 67.6 vs 46.3 us)
 # and on small layers whose 128-row tiles leave the GPU short of CTAs (BERT qkvo 2048 tok: 29.7 vs 14.1 us).
 KT128_MIN_CTAS_PER_SM = 2.0
+
+
+# v8 sparse-wgmma prefill kernel (sm_90a; runs M a power of two in 4..32): first in the heuristic from
+# WG_MIN_TOKENS tokens for M <= WG_FIRST_MAX_M, split-K when its 256 x BN tiles leave SMs idle, BN = 64 tiles
+# below WG_WIDE_MIN_TOKENS. H200 cold-weight sweep (docs/perf-notes.md, v8): at 64:2:8 1.2-1.4x the kt kernel
+# on the >= 14336-row and K = 14336 Llama layers, equal (+-5 %) on 4096-wide and small ones; at 64:2:16 kt's
+# gather halves the MMA work and v8 (whose 2:4 work does not shrink with M) is 0.9-1.0x of it.
+WG_MIN_TOKENS = 128
+WG_WIDE_MIN_TOKENS = 512
+WG_FIRST_MAX_M = 8
+WG_MS = (4, 8, 16, 32)
+
+
+def _wg_order(T: int) -> list:
+    B = _cfg.BY_NAME
+    if T < WG_WIDE_MIN_TOKENS:
+        return [B["wg256x64s4"], B["wg256x128s3"]]
+    return [B["wg256x128s4"], B["wg256x128s3"]]
+
+
+def wg_stages(Gp: int, m: int) -> int:
+    """128-column stages of the v8 kernel over a packed width (the chunk layout's k-steps / 4)."""
+    return math.ceil(math.ceil(Gp * m / 32) / 4)
+
+
+def _wg_split(cfg, T: int, Rp: int, Gp: int, m: int, num_sms: int) -> tuple[int, int]:
+    """(split count, stages per split) of the v8 kernel."""
+    nst = wg_stages(Gp, m)
+    ctas = math.ceil(Rp / cfg.bm) * math.ceil(T / cfg.bn)
+    split = 1
+    if ctas < num_sms:
+        split = max(1, min(num_sms // ctas, nst // 2, 16))
+    steps = math.ceil(nst / split)
+    return math.ceil(nst / steps), steps
 
 
 def _prefill_order(T: int, v: int, m: int, Rp: int = 0, K: int = 0, num_sms: int = 132) -> list:
@@ -368,16 +442,19 @@ _CHOICES: dict[tuple, tuple] = {}
 
 
 def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None = None,
-                  tma: bool = False):
+                  tma: bool = False, wg: bool = False):
     """(tile config, KW, split count, k-steps per split) for one call, or (None, ...) when no shipped
     instance fits. ``name`` (or $VENOM_HF_SPMM_CONFIG) forces a tile config. ``tma``: the device has the
-    Tensor Memory Accelerator (sm_90+), which the v7 decode kernel needs.
+    Tensor Memory Accelerator (sm_90+), which the v7 decode kernel needs; ``wg``: the device runs the sm_90a
+    build of the v8 prefill kernel.
 
     Memoized (a decode step asks the same few questions every token, and the search costs a few us of
     Python per call); the key holds the module's tunables too, so changing one (tests, the sweep) is seen.
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
-    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS,
+    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg, WG_MIN_TOKENS, WG_WIDE_MIN_TOKENS, WG_FIRST_MAX_M,
+           TMA_CTAS_PER_SM,
+           TMA_SMEM_CAP, TMA_MIN_WEIGHTS,
            STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
            RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS,
            KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM)
@@ -385,12 +462,12 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
             _CHOICES.clear()
-        choice = _CHOICES[key] = _search_config(T, Rp, Gp, v, m, num_sms, max_smem, name, tma)
+        choice = _CHOICES[key] = _search_config(T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg)
     return choice
 
 
 def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int, name: str | None,
-                   tma: bool = False):
+                   tma: bool = False, wg: bool = False):
     B = _cfg.BY_NAME
     if name:
         order = [B[name]]
@@ -400,9 +477,16 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
             order = _tma_order(T) + order
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
+        if wg and T >= WG_MIN_TOKENS and m <= WG_FIRST_MAX_M:
+            order = _wg_order(T) + order
     order += [B["decode16"]]
     nsteps = Gp // 8
     for c in order:
+        if c.kernel == "wg":
+            if not wg or m not in WG_MS or T < 1 or c.smem_bytes(m, 1) > max_smem:
+                continue
+            split, steps = _wg_split(c, T, Rp, Gp, m, num_sms)
+            return c, 1, split, steps
         if c.kernel == "tma":
             if not tma or v % c.wm or T > c.bn:
                 continue
@@ -501,6 +585,41 @@ def _counter_buffer(idx: int, stream: int, n: int) -> int | None:
     return addr
 
 
+# The v8 kernel's chunk layout per packed weight (format.wgmma_layout): built on first use on the weight's
+# device by torch ops, then copied into driver memory (nvrtc.alloc_bytes: outside torch's allocator and every
+# CUDA-graph pool, so a layout first built inside torch.compile's cudagraph warm-up may outlive it); freed
+# when the ``values`` tensor it was built for is collected. Not built while a stream captures (the driver
+# refuses allocations then): that call takes another kernel.
+_WG_LAYOUTS: dict[tuple, tuple] = {}  # key -> (weakref to values, address, bytes)
+
+
+def _free_wg_layout(key: tuple, ptr: int) -> None:
+    if _WG_LAYOUTS.get(key, (None, None))[1] == ptr:
+        del _WG_LAYOUTS[key]
+    try:
+        _nvrtc.free(ptr)
+    except Exception:  # interpreter shutdown: the context may be gone already
+        pass
+
+
+def wg_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v: int, m: int, idx: int) -> int | None:
+    """Address of the chunk layout of a packed weight on device ``idx`` (built once), or None during capture."""
+    key = (idx, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), tuple(values.shape), v, m)
+    entry = _WG_LAYOUTS.get(key)
+    if entry is not None and entry[0]() is values:
+        return entry[1]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    with _on_device(idx):
+        lay = wgmma_layout(columns, meta, VNMSpec(v, 2, m), values.shape[0]).contiguous()
+        ptr = _nvrtc.alloc_bytes(lay.numel(), idx)
+        _nvrtc.copy_async(ptr, lay.data_ptr(), lay.numel(), torch.cuda.current_stream(idx).cuda_stream)
+        torch.cuda.current_stream(idx).synchronize()  # once per weight: the temporary may go right after
+    _WG_LAYOUTS[key] = (weakref.ref(values), ptr, lay.numel())
+    weakref.finalize(values, _free_wg_layout, key, ptr)
+    return ptr
+
+
 class SpmmPlan:
     """One ``venom::spmm`` call shape with every decision taken once: kernel, tile config, split, grids and
     the argument structs with the weight pointers filled in. ``run(x2, ldx, stream)`` allocates only the
@@ -510,7 +629,7 @@ class SpmmPlan:
     """
 
     def __init__(self, cfg, kw: int, split: int, steps: int, T: int, K: int, ldx: int, dtype: torch.dtype,
-                 idx: int, values, columns, meta, bias, v: int, m: int, R: int):
+                 idx: int, values, columns, meta, bias, v: int, m: int, R: int, layout: int | None = None):
         arch, num_sms, _ = _device_info(idx)
         bf16 = dtype == torch.bfloat16
         Rp, Gp = values.shape[0], values.shape[1]
@@ -525,7 +644,7 @@ class SpmmPlan:
             exprs.append(_cfg.reduce_expr(bf16))
         if self.kind == "kt":
             exprs.append(_cfg.TRANSPOSE_EXPR)
-        mod = _nvrtc.get_module(exprs, arch, idx)
+        mod = _nvrtc.get_module(exprs, WG_ARCH if cfg.kernel == "wg" else arch, idx)
         self.main = mod.kernel(exprs[0])
         self.block = (cfg.threads, 1, 1)
         self.ws_numel = 0
@@ -559,7 +678,20 @@ class SpmmPlan:
         self.main.reserve_smem(self.smem)
         p = _SpmmParams(0, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), bptr, 0, None,
                         ld_in, R, T, K, R, Rp, Gp, v, m, steps, split, None)
-        if cfg.kernel == "tma":
+        if cfg.kernel == "wg":
+            # v8: the values as 32-bit words (Gp, Rp), one box of 256 rows x 128/M words per stage, swizzled by
+            # its row width; the x map is encoded per call (its address changes), the rest once
+            self.wg = _WgParams()
+            vrow = 512 // m
+            _nvrtc.encode_tensor_map_2d(self.wg.values_map, _nvrtc.TMAP_UINT32, values.data_ptr(), (Gp, Rp), 4 * Gp,
+                                        (128 // m, 256), vrow if vrow >= 32 else 0)
+            w = self.wg
+            w.layout, w.bias, w.ldy, w.T, w.R, w.Rp = layout, bptr, R, T, R, Rp
+            w.nks_pad, w.stages_per_split, w.nsplit, w.log2m = 4 * wg_stages(Gp, m), steps, split, m.bit_length() - 1
+            self.x_geom = ((K, T), 2 * ldx, (64, cfg.bn))
+            self.p = p  # unused by the kernel; run() writes y there as for the others
+            self.p_args, self._p_keep = _nvrtc.kernel_args(self.wg)
+        elif cfg.kernel == "tma":
             # the TMA descriptors over the canonical values (Rp, Gp*2) halves and meta (Rp, Gp) bytes, built once
             self.tma = _TmaParams()
             self.tma.p = p
@@ -594,7 +726,13 @@ class SpmmPlan:
                     p.counters = cnt
                 self.main.launch(self.grid, self.block, self.smem, stream, self.p_args)
                 return y
-            if self.transpose is not None:
+            if self.kind == "wg":
+                self.wg.y = y.data_ptr()
+                if ws is not None:
+                    self.wg.ws = ws.data_ptr()
+                dims, stride, box = self.x_geom
+                _nvrtc.encode_tensor_map_2d(self.wg.x_map, _nvrtc.TMAP_UINT16, xptr, dims, stride, box, 128)
+            elif self.transpose is not None:
                 xt = torch.empty(self.xt_shape, dtype=self.dtype, device=self.device)
                 self.tp.x, self.tp.xt = xptr, xt.data_ptr()
                 self.transpose.launch(self.transpose_grid, (256, 1, 1), 0, stream, self.tp_args)
@@ -615,21 +753,27 @@ def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, co
     Rp, Gp = values.shape[0], values.shape[1]
     _, num_sms, max_smem = _device_info(idx)
     tma = device_has_tma(idx)
+    wg = device_has_wgmma(idx)
     cfg = None
     if config is None and not os.environ.get("VENOM_HF_SPMM_CONFIG"):
         tuned = _dispatch.config_for(_device_name(idx), num_sms, v, m, Rp, Gp, T)
         if tuned is not None:
-            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, tuned, tma)
+            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, tuned, tma, wg)
             if cfg is not None and cfg.name != tuned:  # the measured config does not fit this call
                 cfg = None
     if cfg is None:
-        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config, tma)
+        cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config, tma, wg)
+    layout = None
+    if cfg is not None and cfg.kernel == "wg":
+        layout = wg_layout(values, columns, meta, v, m, idx)
+        if layout is None:  # capturing: the layout cannot be built now
+            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, None, tma, False)
     if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
         # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
         cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64", tma)
     if cfg is None:
         return None
-    return SpmmPlan(cfg, kw, split, steps, T, K, ldx, dtype, idx, values, columns, meta, bias, v, m, R)
+    return SpmmPlan(cfg, kw, split, steps, T, K, ldx, dtype, idx, values, columns, meta, bias, v, m, R, layout)
 
 
 _PLANS: dict[tuple, SpmmPlan | None] = {}
@@ -706,7 +850,8 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, 
 def _tunables() -> tuple:
     return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
             STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K,
-            KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM)
+            KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM, WG_MIN_TOKENS,
+            WG_WIDE_MIN_TOKENS, WG_FIRST_MAX_M)
 
 
 @torch.library.custom_op("venom::spmm", mutates_args=())
