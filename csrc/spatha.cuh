@@ -1493,37 +1493,8 @@ __global__ void __launch_bounds__(256) spatha_splitk_reduce(const ReduceParams p
 // the metadata), asynchronous until wgmma_wait. Hopper sm_90a only.
 template <bool BF16, int N>
 __device__ __forceinline__ void wgmma_sp_rs(float* d, const unsigned (&a)[4], unsigned long long desc, unsigned e) {
-  static_assert(N == 64 || N == 128, "wgmma N");
+  static_assert(N == 128, "wgmma N: the shipped tile");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if (N == 64) {
-    if (BF16) {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.bf16.bf16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-                   "{%32, %33, %34, %35}, %36, %37, 0, p, 1, 1, 0;\n}\n"
-                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-                     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-                     "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-                     "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e)
-                   : "memory");
-    } else {
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-                   "{%32, %33, %34, %35}, %36, %37, 0, p, 1, 1, 0;\n}\n"
-                   : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),
-                     "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),
-                     "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),
-                     "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e)
-                   : "memory");
-    }
-  }
   if (N == 128) {
     if (BF16) {
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -1659,7 +1630,7 @@ __global__ void __launch_bounds__(640, 1) spatha_spmm_wg(const __grid_constant__
   constexpr int BM = 256;
   constexpr int B_BYTES = BN * 256;  // two boxes of BN rows x 128 bytes
   constexpr int L_BYTES = 4 * 4 * 512;  // chunk layout: 4 tiles x 4 k-steps
-  static_assert(BN == 64 || BN == 128, "BN");
+  static_assert(BN == 128, "BN: the wgmma N of wgmma_sp_rs");
   const int log2m = p.log2m;
   const int vrow = 512 >> log2m;  // bytes of values per row and stage (128/M words)
   const int V_BYTES = BM * vrow;

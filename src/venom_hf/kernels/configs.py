@@ -11,7 +11,7 @@ The kernels:
   M). The CTA's rows lie in one V-block: BM must divide V.
 * ``stream`` / ``ring`` / ``tma`` (v4, v5, v7): decode, <= 16 tokens.
 * ``wg`` (``spatha_spmm_wg``, v8, sm_90a only): prefill with sparse wgmma over the weight read as 2:4;
-  256 rows (4 consumer warpgroups) x BN tokens per CTA, ``stages`` TMA stages of 128 columns.
+  256 rows (4 consumer warpgroups) x 128 tokens per CTA, ``stages`` TMA stages of 128 columns.
 """
 
 from __future__ import annotations
@@ -153,7 +153,6 @@ CONFIGS: tuple[TileConfig, ...] = (
     # v8 prefill (sm_90a: sparse wgmma, the weight as 2:4 over the full K, x tiles by TMA): wg256x<BN>s<S>
     TileConfig("wg256x128s3", 64, 128, 4, 1, 3, "wg", 1),
     TileConfig("wg256x128s4", 64, 128, 4, 1, 4, "wg", 1),
-    TileConfig("wg256x64s4", 64, 64, 4, 1, 4, "wg", 1),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 

@@ -258,20 +258,18 @@ KT128_MIN_CTAS_PER_SM = 2.0
 
 
 # v8 sparse-wgmma prefill kernel (sm_90a; runs M a power of two in 4..32): first in the heuristic from
-# WG_MIN_TOKENS tokens for M <= WG_FIRST_MAX_M, split-K when its 256 x BN tiles leave SMs idle, BN = 64 tiles
-# below WG_WIDE_MIN_TOKENS. H200 cold-weight sweep (docs/perf-notes.md, v8): at 64:2:8 1.2-1.4x the kt kernel
-# on the >= 14336-row and K = 14336 Llama layers, equal (+-5 %) on 4096-wide and small ones; at 64:2:16 kt's
-# gather halves the MMA work and v8 (whose 2:4 work does not shrink with M) is 0.9-1.0x of it.
+# WG_MIN_TOKENS tokens for M <= WG_FIRST_MAX_M, split-K when its 256 x 128 tiles leave SMs idle. H200
+# cold-weight sweep (docs/perf-notes.md, v8): at 64:2:8 1.14-1.35x the kt kernel on the >= 14336-row and
+# K = 14336 Llama layers, 1.02-1.07x on the 4096- and 6144-row ones, within +-6 % on 640/768-wide layers; at
+# 64:2:16 kt's gather halves the MMA work and v8 (whose 2:4 work does not shrink with M) is 0.88-0.99x of it.
+# The 4-stage config first (3 stages where 4 do not fit: M = 4).
 WG_MIN_TOKENS = 128
-WG_WIDE_MIN_TOKENS = 512
 WG_FIRST_MAX_M = 8
 WG_MS = (4, 8, 16, 32)
 
 
-def _wg_order(T: int) -> list:
+def _wg_order() -> list:
     B = _cfg.BY_NAME
-    if T < WG_WIDE_MIN_TOKENS:
-        return [B["wg256x64s4"], B["wg256x128s3"]]
     return [B["wg256x128s4"], B["wg256x128s3"]]
 
 
@@ -452,7 +450,7 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     Python per call); the key holds the module's tunables too, so changing one (tests, the sweep) is seen.
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
-    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg, WG_MIN_TOKENS, WG_WIDE_MIN_TOKENS, WG_FIRST_MAX_M,
+    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg, WG_MIN_TOKENS, WG_FIRST_MAX_M,
            TMA_CTAS_PER_SM,
            TMA_SMEM_CAP, TMA_MIN_WEIGHTS,
            STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
@@ -478,7 +476,7 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
         if wg and T >= WG_MIN_TOKENS and m <= WG_FIRST_MAX_M:
-            order = _wg_order(T) + order
+            order = _wg_order() + order
     order += [B["decode16"]]
     nsteps = Gp // 8
     for c in order:
@@ -593,11 +591,24 @@ def _counter_buffer(idx: int, stream: int, n: int) -> int | None:
 _WG_LAYOUTS: dict[tuple, tuple] = {}  # key -> (weakref to values, address, bytes)
 
 
+_PENDING_FREES: list[int] = []  # layouts whose weight died while a stream captured: freed at the next chance
+
+
 def _free_wg_layout(key: tuple, ptr: int) -> None:
+    """Finalizer of a layout's ``values`` tensor. The free synchronizes the device, which a capture in progress
+    (the garbage collector may run inside one) does not allow: then it waits for the next layout build."""
     if _WG_LAYOUTS.get(key, (None, None))[1] == ptr:
         del _WG_LAYOUTS[key]
+    _PENDING_FREES.append(ptr)
+    _free_pending()
+
+
+def _free_pending() -> None:
     try:
-        _nvrtc.free(ptr)
+        if torch.cuda.is_current_stream_capturing():
+            return
+        while _PENDING_FREES:
+            _nvrtc.free(_PENDING_FREES.pop())
     except Exception:  # interpreter shutdown: the context may be gone already
         pass
 
@@ -610,6 +621,7 @@ def wg_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v
         return entry[1]
     if torch.cuda.is_current_stream_capturing():
         return None
+    _free_pending()
     with _on_device(idx):
         lay = wgmma_layout(columns, meta, VNMSpec(v, 2, m), values.shape[0]).contiguous()
         ptr = _nvrtc.alloc_bytes(lay.numel(), idx)
@@ -851,7 +863,7 @@ def _tunables() -> tuple:
     return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
             STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K,
             KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM, WG_MIN_TOKENS,
-            WG_WIDE_MIN_TOKENS, WG_FIRST_MAX_M)
+            WG_FIRST_MAX_M)
 
 
 @torch.library.custom_op("venom::spmm", mutates_args=())
