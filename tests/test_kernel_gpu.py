@@ -416,3 +416,20 @@ def test_wg_cuda_graph_and_capture_fallback():
         g.replay()
         torch.cuda.synchronize()
         check(ys, xs, wd, None, dtype, f"wg graph warm={warm}")
+
+
+@needs_wg
+def test_wg_layout_follows_in_place_weight_updates():
+    """load_state_dict copies into the packed tensors in place: the derived layout (and the plans that hold it)
+    must follow the new columns/meta, not keep the old ones."""
+    R, K, v, m, dtype, T = 1024, 1024, 64, 8, torch.bfloat16, 512
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    a, b = (vf.pack(torch.randn(R, K, generator=gen, device=DEV).to(dtype), f"{v}:2:{m}",
+                    mask=random_vnm_mask(R, K, v, m, gen)) for _ in range(2))
+    x = torch.randn(T, K, device=DEV).to(dtype)
+    check(kernels.spmm(x, a.values, a.columns, a.meta, None, v, m, R), x, vf.unpack(a).double(), None, dtype, "a")
+    for dst, src in ((a.values, b.values), (a.columns, b.columns), (a.meta, b.meta)):
+        dst.copy_(src)
+    poison()
+    check(kernels.spmm(x, a.values, a.columns, a.meta, None, v, m, R), x, vf.unpack(b).double(), None, dtype,
+          "after the in-place update")

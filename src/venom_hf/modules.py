@@ -94,7 +94,8 @@ def _fast_spmm(plans: dict, x: torch.Tensor, values, columns, meta, bias):
     if (x.get_device() != idx or type(x) is not torch.Tensor or x.requires_grad or not x.is_contiguous()
             or x.data_ptr() % 16 or torch.cuda.current_device() != idx or _dispatch_modes_active()):
         return None
-    if (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr()) != ptrs:
+    if (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            _ops.tensor_version(columns), _ops.tensor_version(meta)) != ptrs:
         return None
     return plan.run(x.data_ptr(), torch._C._cuda_getCurrentRawStream(idx), out_shape)
 
@@ -123,7 +124,8 @@ def _remember_plan(plans: dict, x: torch.Tensor, values, columns, meta, bias, v:
         return
     if len(plans) >= _MAX_PLANS:  # e.g. many prompt lengths: start over rather than grow
         plans.clear()
-    ptrs = (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr())
+    ptrs = (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            _ops.tensor_version(columns), _ops.tensor_version(meta))
     plans[(x.shape, x.dtype)] = (plan, ptrs, (*x.shape[:-1], R))
 
 

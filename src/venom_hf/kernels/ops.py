@@ -594,11 +594,23 @@ _WG_LAYOUTS: dict[tuple, tuple] = {}  # key -> (weakref to values, address, byte
 _PENDING_FREES: list[int] = []  # layouts whose weight died while a stream captured: freed at the next chance
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place modification counter of a tensor (derived layouts and the plans that hold them are keyed
+    on it, so that e.g. ``load_state_dict`` into a packed layer rebuilds them); 0 for inference tensors."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
+
+
 def _free_wg_layout(key: tuple, ptr: int) -> None:
-    """Finalizer of a layout's ``values`` tensor. The free synchronizes the device, which a capture in progress
-    (the garbage collector may run inside one) does not allow: then it waits for the next layout build."""
+    """Finalizer of a layout's ``values`` tensor: drops the layout and the memoized plans that use it. The
+    free synchronizes the device, which a capture in progress (the garbage collector may run inside one) does
+    not allow: then it waits for the next layout build."""
     if _WG_LAYOUTS.get(key, (None, None))[1] == ptr:
         del _WG_LAYOUTS[key]
+    for k in [k for k, plan in _PLANS.items() if plan and plan.kind == "wg" and plan.wg.layout == ptr]:
+        del _PLANS[k]
     _PENDING_FREES.append(ptr)
     _free_pending()
 
@@ -615,7 +627,8 @@ def _free_pending() -> None:
 
 def wg_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v: int, m: int, idx: int) -> int | None:
     """Address of the chunk layout of a packed weight on device ``idx`` (built once), or None during capture."""
-    key = (idx, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), tuple(values.shape), v, m)
+    key = (idx, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), tuple(values.shape), v, m,
+           tensor_version(columns), tensor_version(meta))
     entry = _WG_LAYOUTS.get(key)
     if entry is not None and entry[0]() is values:
         return entry[1]
@@ -821,7 +834,7 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
     config = config or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
     key = (T, K, ldx, x.dtype, idx, values.data_ptr(), columns.data_ptr(), meta.data_ptr(),
            0 if bias is None else bias.data_ptr(), tuple(values.shape), tuple(columns.shape), v, m, R, config,
-           _tunables())
+           _tunables(), tensor_version(columns), tensor_version(meta))
     plan = _PLANS.get(key, False)
     if plan is False:
         if len(_PLANS) >= 4096:
