@@ -604,11 +604,12 @@ def tensor_version(t: torch.Tensor) -> int:
 
 
 def _free_wg_layout(key: tuple, ptr: int) -> None:
-    """Finalizer of a layout's ``values`` tensor: drops the layout and the memoized plans that use it. The
-    free synchronizes the device, which a capture in progress (the garbage collector may run inside one) does
-    not allow: then it waits for the next layout build."""
-    if _WG_LAYOUTS.get(key, (None, None))[1] == ptr:
-        del _WG_LAYOUTS[key]
+    """Drop a layout (its ``values`` tensor died, or its columns/meta changed in place) and the memoized plans
+    that use it; once per layout. The free synchronizes the device, which a capture in progress (the garbage
+    collector may run inside one) does not allow: then it waits for the next layout build."""
+    if _WG_LAYOUTS.get(key, (None, None))[1] != ptr:
+        return  # already dropped
+    del _WG_LAYOUTS[key]
     for k in [k for k, plan in _PLANS.items() if plan and plan.kind == "wg" and plan.wg.layout == ptr]:
         del _PLANS[k]
     _PENDING_FREES.append(ptr)
@@ -634,6 +635,10 @@ def wg_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v
         return entry[1]
     if torch.cuda.is_current_stream_capturing():
         return None
+    if entry is not None:  # another tensor at the same addresses
+        _free_wg_layout(key, entry[1])
+    for k in [k for k, e in _WG_LAYOUTS.items() if k[:-2] == key[:-2] and e[0]() is values]:
+        _free_wg_layout(k, _WG_LAYOUTS[k][1])  # the same weight before an in-place update: stale
     _free_pending()
     with _on_device(idx):
         lay = wgmma_layout(columns, meta, VNMSpec(v, 2, m), values.shape[0]).contiguous()
