@@ -184,6 +184,19 @@ def test_tma_params_layout():
     assert (t.p.T, t.p.nsplit) == (7, 3)
 
 
+def test_wgmma_switch_off(monkeypatch):
+    """VENOM_HF_WGMMA=0 turns the v8 kernel (and its layout memory) off whatever the device."""
+    monkeypatch.setattr(ops, "_device_info", lambda idx: ("sm_90", 132, 227 * 1024))
+    monkeypatch.setattr(ops._nvrtc, "tensor_maps_available", lambda: True)
+    assert ops.device_has_wgmma(0)
+    for off in ("0", "off", "false"):
+        monkeypatch.setenv("VENOM_HF_WGMMA", off)
+        assert not ops.device_has_wgmma(0)
+    monkeypatch.setattr(ops, "_device_info", lambda idx: ("sm_89", 128, 99 * 1024))
+    monkeypatch.setenv("VENOM_HF_WGMMA", "1")
+    assert not ops.device_has_wgmma(0)
+
+
 def test_wg_params_layout():
     """The ctypes mirror of csrc's WgParams: the x and values tensor maps, the pointers, then the ints, 384
     bytes (the kernel's static_assert)."""

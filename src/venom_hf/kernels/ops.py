@@ -154,7 +154,10 @@ def has_wgmma(arch: str) -> bool:
 
 
 def device_has_wgmma(index: int) -> bool:
-    """Whether the v8 sparse-wgmma prefill kernel can run on a CUDA device (sm_90, TMA descriptors)."""
+    """Whether the v8 sparse-wgmma prefill kernel can run on a CUDA device (sm_90, TMA descriptors), unless
+    ``VENOM_HF_WGMMA=0`` turns it off (its per-weight chunk layouts cost 1/8 of the dense weight's bytes)."""
+    if os.environ.get("VENOM_HF_WGMMA", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
     return has_wgmma(_device_info(index)[0]) and _nvrtc.tensor_maps_available()
 
 
