@@ -84,3 +84,12 @@ def test_a_freed_layout_drops_the_plans_that_hold_it(ledger, monkeypatch):
     del p
     gc.collect()
     assert list(ops._PLANS) == ["other"] and ledger["free"] == [a]
+
+
+def test_layout_bytes_are_counted_per_model(ledger):
+    p, q = _packed(5), _packed(6)
+    ops.wg_layout(p.values, p.columns, p.meta, 64, 8, 0)
+    want = vf.wgmma_layout(p.columns, p.meta, "64:2:8", p.values.shape[0]).numel()
+    assert want == 256 * 128 * 2 // 8  # 1/8 of the dense weight's bytes (256 x 128, 16-bit)
+    assert ops.wg_layout_bytes([p.values, p.columns, p.meta]) == want
+    assert ops.wg_layout_bytes([q.values, q.columns, q.meta]) == 0

@@ -11,8 +11,8 @@ Per model and format it measures
 * decode tokens/s of greedy ``model.generate()``, eager (default dynamic cache) and with a static cache
   (transformers compiles the forward itself when the model allows it), batch 1 and 8, from the difference
   of two generation lengths: ``batch * (L2 - L1) / (t(L2) - t(L1))``, which cancels prefill and set-up;
-* peak GPU memory per mode (the model's weights + what the cell allocated) and the weight bytes (projections
-  and lm_head separately);
+* peak GPU memory per mode (the model's weights + what the cell allocated + the sm_90 prefill kernel's chunk
+  layouts, which live in driver memory) and the weight bytes (projections and lm_head separately);
 * for selected cells (default: llama3-8b dense and 64:2:8, static cache, batch 1) a torch.profiler split of
   one decode step into projection GEMM/SpMM time, other GPU kernels and GPU idle, and the Amdahl bounds it
   implies for the sparse formats.
@@ -217,11 +217,15 @@ def _reset_peak(device: torch.device) -> int:
 
 
 def _peak(device: torch.device, base: int, model: nn.Module) -> int | None:
-    """Peak GPU memory of this model's cell: its own weights plus what the cell allocated above ``base``, so
-    that the models of the other formats, resident in the same process, are not counted."""
+    """Peak GPU memory of this model's cell: its own weights plus what the cell allocated above ``base`` (so
+    that the models of the other formats, resident in the same process, are not counted) plus the chunk
+    layouts built for its weights (driver memory, outside torch's counters)."""
     if device.type != "cuda":
         return None
-    return int(torch.cuda.max_memory_allocated(device)) - base + weight_bytes(model)["total"]
+    from venom_hf.kernels import ops
+
+    layouts = ops.wg_layout_bytes([*model.parameters(), *model.buffers()])
+    return int(torch.cuda.max_memory_allocated(device)) - base + weight_bytes(model)["total"] + layouts
 
 
 def make_prompt(vocab: int, batch: int, length: int, seed: int, device: torch.device) -> torch.Tensor:

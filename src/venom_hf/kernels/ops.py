@@ -653,6 +653,14 @@ def wg_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v
     return ptr
 
 
+def wg_layout_bytes(tensors) -> int:
+    """Bytes of the chunk layouts built for any of ``tensors`` (a model's parameters and buffers: a fused
+    group's layout is keyed by its first member's values address). They live in driver memory, which
+    torch's memory counters do not see."""
+    ptrs = {t.data_ptr() for t in tensors}
+    return sum(e[2] for k, e in _WG_LAYOUTS.items() if k[1] in ptrs and e[0]() is not None)
+
+
 class SpmmPlan:
     """One ``venom::spmm`` call shape with every decision taken once: kernel, tile config, split, grids and
     the argument structs with the weight pointers filled in. ``run(x2, ldx, stream)`` allocates only the
