@@ -360,7 +360,7 @@ def test_wg_kernel(cfg, dtype):
 
 
 @needs_wg
-def test_wg_split_k_and_deterministic(monkeypatch):
+def test_wg_split_k_and_deterministic():
     R, K, v, m, dtype = 1024, 4096, 64, 8, torch.bfloat16  # 4 x 2 tiles at 256 tokens: split-K
     p, wd = packed_weight(R, K, v, m, dtype)
     x = torch.randn(256, K, device=DEV).to(dtype)
