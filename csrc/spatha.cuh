@@ -1596,11 +1596,26 @@ __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
   return r;
 }
-// One A register: the slots (s0, s1) of a chunk from its group's value word (v0 | v1 << 16); c = s0 | s1 << 2,
-// s = 0: v0, 1: v1, 2: zero. 0x543210 holds the PRMT byte pairs of the three sources (bytes 4, 5: zero).
-__device__ __forceinline__ unsigned chunk_slots(unsigned word, unsigned c) {
-  const unsigned lut = (c & 3u) | ((c & 12u) << 2);  // s0 | s1 << 4
-  return prmt(word, 0u, prmt(0x00543210u, 0u, lut));
+// The PRMT selectors of 2 A registers from the source codes of their chunks: `w` holds one byte s0 | s1 << 4
+// per chunk (s = 0: the group's first kept value, 1: its second, 2: zero); 0x543210 holds the byte pairs of
+// the three sources (bytes 4, 5 of a PRMT with a zero second operand are zero). Bytes 0, 1 of the result
+// select chunk 0's register, bytes 2, 3 chunk 1's.
+__device__ __forceinline__ unsigned slot_selectors(unsigned w) { return prmt(0x00543210u, 0u, w); }
+// The 4 source nibbles of a lane's k-step (s0 | s1 << 2 each) spread to one byte s0 | s1 << 4 each.
+__device__ __forceinline__ unsigned spread_codes(unsigned code) {
+  unsigned y = (code | (code << 8)) & 0x00FF00FFu;  // nibble pairs to bytes 0 and 2
+  y = (y | (y << 4)) & 0x0F0F0F0Fu;                 // one nibble per byte
+  return (y & 0x03030303u) | ((y & 0x0C0C0C0Cu) << 2);
+}
+__device__ __forceinline__ unsigned lds_u32(unsigned addr) {
+  unsigned v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ unsigned lds_u16(unsigned addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
 }
 // A K-major, 128-byte-swizzled B tile (rows of 128 bytes, 8-row atoms of 1024 bytes) as a wgmma descriptor.
 __device__ __forceinline__ unsigned long long kmajor_sw128_desc(const void* p) {
@@ -1608,48 +1623,31 @@ __device__ __forceinline__ unsigned long long kmajor_sw128_desc(const void* p) {
   return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
 
-template <bool BF16, int BN, int S>
-__global__ void __launch_bounds__(640, 1) spatha_spmm_wg(const __grid_constant__ WgParams p) {
+// The body of spatha_spmm_wg for one M (compile-time, so that every shared-memory address of the stage loop
+// is a per-thread register plus a constant: the loop over the S stage slots is unrolled).
+template <bool BF16, int BN, int S, int LOG2M>
+__device__ __forceinline__ void wg_main(const WgParams& p, unsigned char* stages, unsigned long long* full,
+                                        unsigned long long* empty) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = 256;
-  constexpr int B_BYTES = BN * 256;  // two boxes of BN rows x 128 bytes
+  constexpr int B_BYTES = BN * 256;     // two boxes of BN rows x 128 bytes
   constexpr int L_BYTES = 4 * 4 * 512;  // chunk layout: 4 tiles x 4 k-steps
+  constexpr int VROW = 512 >> LOG2M;    // bytes of values per row and stage (128/M words)
+  constexpr int V_BYTES = BM * VROW;
+  constexpr int STAGE = B_BYTES + V_BYTES + L_BYTES;  // multiple of 1024
+  constexpr unsigned VMASK = VROW / 16 - 1;           // the values box swizzle: 16-byte chunks per row - 1
   static_assert(BN == 128, "BN: the wgmma N of wgmma_sp_rs");
-  const int log2m = p.log2m;
-  const int vrow = 512 >> log2m;  // bytes of values per row and stage (128/M words)
-  const int V_BYTES = BM * vrow;
-  const int STAGE = B_BYTES + V_BYTES + L_BYTES;  // multiple of 1024
-
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  __shared__ __align__(8) unsigned long long full[S];
-  __shared__ __align__(8) unsigned long long empty[S];
-  // 1024-byte alignment of the swizzled regions
-  unsigned char* stages =
-      smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const bool producer = warp >= 16;  // warpgroup 4
   const int m0 = blockIdx.x * BM;
   const int n0 = blockIdx.y * BN;
   const int nst_all = p.nks_pad >> 2;
   const int st0 = blockIdx.z * p.stages_per_split;
   const int nst = min(nst_all, st0 + p.stages_per_split) - st0;
 
-  if (producer && lane == 0) {
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&p.x_map)) : "memory");
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&p.values_map)) : "memory");
-#pragma unroll
-    for (int i = 0; i < S; ++i) {
-      mbar_init(&full[i], 1);
-      mbar_init(&empty[i], 16);  // lane 0 of every consumer warp
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (producer) {
+  if (warp >= 16) {
     // the producer warpgroup needs few registers: hand them to the consumers (setmaxnreg, per warpgroup)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     if (warp == 16 && lane == 0) {
@@ -1662,7 +1660,7 @@ __global__ void __launch_bounds__(640, 1) spatha_spmm_wg(const __grid_constant__
         mbar_expect_tx(&full[slot], STAGE);
         tma_load_2d(base, &p.x_map, st * 128, n0, &full[slot]);
         tma_load_2d(base + BN * 128, &p.x_map, st * 128 + 64, n0, &full[slot]);
-        tma_load_2d(base + B_BYTES, &p.values_map, st * (128 >> log2m), m0, &full[slot]);
+        tma_load_2d(base + B_BYTES, &p.values_map, st * (128 >> LOG2M), m0, &full[slot]);
 #pragma unroll
         for (int t = 0; t < 4; ++t)
           bulk_load(base + B_BYTES + V_BYTES + t * 2048, lay + ((long long)t * p.nks_pad + 4 * st) * 512, 2048,
@@ -1680,52 +1678,66 @@ __global__ void __launch_bounds__(640, 1) spatha_spmm_wg(const __grid_constant__
   const int g = lane >> 2;
   const int tig = lane & 3;
   const int row0 = wg * 64 + wl * 16 + g;  // this lane's rows in the stage: row0 and row0 + 8
-  const unsigned vmask = static_cast<unsigned>((vrow >> 4) - 1);  // the values box swizzle: 16-byte chunks per row - 1
-  auto value_word = [&](const unsigned char* vs, int row, int chunk) -> unsigned {
-    const unsigned off = static_cast<unsigned>(row * vrow + ((chunk * 4) >> log2m) * 4);
-    return *reinterpret_cast<const unsigned*>(vs + (off ^ (((off >> 7) & vmask) << 4)));
-  };
+  const unsigned s0 = smem_u32(stages);
+  // The value word of chunk 8k + tig + 4j (k-step k of the stage) of row0 in stage slot 0, swizzled as the
+  // TMA box stores it (16-byte chunk index ^ (row offset >> 7) & VMASK); row0 + 8 is 8 * VROW bytes on, with
+  // the same swizzle (8 * VROW is a multiple of 128 * (VMASK + 1)).
+  unsigned vaddr[4][2];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const unsigned off = row0 * VROW + ((((8 * k + tig + 4 * j) * 4) >> LOG2M) * 4);
+      vaddr[k][j] = s0 + B_BYTES + (off ^ (((off >> 7) & VMASK) << 4));
+    }
+  const unsigned lay0 = s0 + B_BYTES + V_BYTES + wg * 2048;
+  const unsigned meta_addr = lay0 + 4 * (wl * 16 + g * 2 + (tig & 1));
+  const unsigned code_addr = lay0 + 256 + 2 * (wl * 32 + lane);
+  const unsigned long long desc0 = kmajor_sw128_desc(stages);
 
   constexpr int NACC = BN / 2;
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
 
-  // Half a stage (k-steps 2h, 2h+1): build their A registers and metadata in `a`/`e`, issue 2 wgmma, commit
-  // them as one group. The group in flight keeps reading its registers until its wait, so the two halves
-  // use two register sets; each is rebuilt only after the wait that follows the next group's commit.
-  auto issue_half = [&](const unsigned char* base, int h, unsigned (&a)[2][4], unsigned (&e)[2]) {
-    const unsigned char* vs = base + B_BYTES;
-    const unsigned char* ls = vs + V_BYTES + wg * 2048;
+  // Half a stage (k-steps 2h, 2h+1) of stage slot `slot`: build their A registers and metadata in `a`/`e`,
+  // issue 2 wgmma, commit them as one group. The group in flight keeps reading its registers until its wait,
+  // so the two halves use two register sets; each is rebuilt only after the wait that follows the next
+  // group's commit. An A register = one chunk = its group's value word permuted by PRMT.
+  auto issue_half = [&](const int slot, const int h, unsigned (&a)[2][4], unsigned (&e)[2]) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      const int ks = 2 * h + u;
-      const unsigned char* lk = ls + ks * 512;
-      e[u] = *reinterpret_cast<const unsigned*>(lk + 4 * (wl * 16 + g * 2 + (tig & 1)));
-      const unsigned code = *reinterpret_cast<const unsigned short*>(lk + 256 + 2 * (wl * 32 + lane));
-      const int c0 = ks * 8 + tig;
-      a[u][0] = chunk_slots(value_word(vs, row0, c0), code);
-      a[u][2] = chunk_slots(value_word(vs, row0, c0 + 4), code >> 4);
-      a[u][1] = chunk_slots(value_word(vs, row0 + 8, c0), code >> 8);
-      a[u][3] = chunk_slots(value_word(vs, row0 + 8, c0 + 4), code >> 12);
+      const int k = 2 * h + u;
+      const unsigned so = slot * STAGE;
+      e[u] = lds_u32(meta_addr + so + k * 512);
+      const unsigned w = spread_codes(lds_u16(code_addr + so + k * 512));
+      const unsigned sel0 = slot_selectors(w);        // chunks (row0, tig), (row0, tig + 4)
+      const unsigned sel1 = slot_selectors(w >> 16);  // chunks (row0 + 8, tig), (row0 + 8, tig + 4)
+      a[u][0] = prmt(lds_u32(vaddr[k][0] + so), 0u, sel0);
+      a[u][2] = prmt(lds_u32(vaddr[k][1] + so), 0u, sel0 >> 16);
+      a[u][1] = prmt(lds_u32(vaddr[k][0] + so + 8 * VROW), 0u, sel1);
+      a[u][3] = prmt(lds_u32(vaddr[k][1] + so + 8 * VROW), 0u, sel1 >> 16);
     }
     wgmma_fence();
 #pragma unroll
     for (int u = 0; u < 2; ++u)  // k-step 2h + u: box h, bytes 64u.. of each 128-byte row
-      wgmma_sp_rs<BF16, BN>(acc, a[u], kmajor_sw128_desc(base + h * (BN * 128) + u * 64), e[u]);
+      wgmma_sp_rs<BF16, BN>(acc, a[u], desc0 + ((slot * STAGE + h * (BN * 128) + u * 64) >> 4), e[u]);
     wgmma_commit();
   };
 
   unsigned ax[2][4], ex[2], ay[2][4], ey[2];
-  for (int i = 0; i < nst; ++i) {
-    const int slot = i % S;
-    mbar_wait(&full[slot], (i / S) & 1);
-    const unsigned char* base = stages + slot * STAGE;
-    issue_half(base, 0, ax, ex);
-    wgmma_wait<1>();  // the previous stage's second half is done: that stage may be refilled
-    if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % S]);
-    issue_half(base, 1, ay, ey);
-    wgmma_wait<1>();
+  for (int i0 = 0; i0 < nst; i0 += S) {
+#pragma unroll
+    for (int slot = 0; slot < S; ++slot) {
+      const int i = i0 + slot;
+      if (i >= nst) break;
+      mbar_wait(&full[slot], (i0 / S) & 1);
+      issue_half(slot, 0, ax, ex);
+      wgmma_wait<1>();  // the previous stage's second half is done: that stage may be refilled
+      if (i > 0 && lane == 0) mbar_arrive(&empty[(slot + S - 1) % S]);
+      issue_half(slot, 1, ay, ey);
+      wgmma_wait<1>();
+    }
   }
   wgmma_wait<0>();
 
@@ -1777,6 +1789,34 @@ __global__ void __launch_bounds__(640, 1) spatha_spmm_wg(const __grid_constant__
       for (int k = 0; k < 8; ++k)
         if (rb + ch * 8 + k < p.R) dst[k] = src[k];
     }
+  }
+#endif
+}
+
+template <bool BF16, int BN, int S>
+__global__ void __launch_bounds__(640, 1) spatha_spmm_wg(const __grid_constant__ WgParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ __align__(8) unsigned long long full[S];
+  __shared__ __align__(8) unsigned long long empty[S];
+  // 1024-byte alignment of the swizzled regions
+  unsigned char* stages = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  if (threadIdx.x == 512) {  // the producer's first lane
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&p.x_map)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&p.values_map)) : "memory");
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], 16);  // lane 0 of every consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  switch (p.log2m) {  // M = 4, 8, 16, 32 (the host checks)
+    case 2: wg_main<BF16, BN, S, 2>(p, stages, full, empty); break;
+    case 3: wg_main<BF16, BN, S, 3>(p, stages, full, empty); break;
+    case 4: wg_main<BF16, BN, S, 4>(p, stages, full, empty); break;
+    default: wg_main<BF16, BN, S, 5>(p, stages, full, empty); break;
   }
 #endif
 }

@@ -120,7 +120,7 @@ def _remember_plan(plans: dict, x: torch.Tensor, values, columns, meta, bias, v:
         return
     plan = _ops.make_plan(T, K, K if T > 1 else (K + 7) // 8 * 8, x.dtype, idx, values, columns, meta, bias, v, m, R,
                           os.environ.get("VENOM_HF_SPMM_CONFIG") or None)
-    if plan is None:
+    if plan is None or plan.provisional:  # a capture's stand-in: the next eager call makes the real plan
         return
     if len(plans) >= _MAX_PLANS:  # e.g. many prompt lengths: start over rather than grow
         plans.clear()

@@ -667,7 +667,11 @@ class SpmmPlan:
     output (and the split-K workspace or x^T where the kernel needs them), writes the per-call pointers and
     launches. Plans hold the weights' addresses, not the tensors: a caller that caches one must check that
     the tensors it was made for are still the ones it passes (``VNMSparseLinear`` compares data pointers).
+    A ``provisional`` plan was made inside a stream capture that needed a derived layout it could not build
+    there; it stands in for that capture only and is not cached.
     """
+
+    provisional = False
 
     def __init__(self, cfg, kw: int, split: int, steps: int, T: int, K: int, ldx: int, dtype: torch.dtype,
                  idx: int, values, columns, meta, bias, v: int, m: int, R: int, layout: int | None = None):
@@ -796,6 +800,7 @@ def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, co
     tma = device_has_tma(idx)
     wg = device_has_wgmma(idx)
     cfg = None
+    provisional = False
     if config is None and not os.environ.get("VENOM_HF_SPMM_CONFIG"):
         tuned = _dispatch.config_for(_device_name(idx), num_sms, v, m, Rp, Gp, T)
         if tuned is not None:
@@ -807,14 +812,17 @@ def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, co
     layout = None
     if cfg is not None and cfg.kernel == "wg":
         layout = wg_layout(values, columns, meta, v, m, idx)
-        if layout is None:  # capturing: the layout cannot be built now
+        if layout is None:  # capturing: the layout cannot be built now; this plan serves the capture only
             cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, None, tma, False)
+            provisional = True
     if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
         # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
         cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, "huge64", tma)
     if cfg is None:
         return None
-    return SpmmPlan(cfg, kw, split, steps, T, K, ldx, dtype, idx, values, columns, meta, bias, v, m, R, layout)
+    plan = SpmmPlan(cfg, kw, split, steps, T, K, ldx, dtype, idx, values, columns, meta, bias, v, m, R, layout)
+    plan.provisional = provisional
+    return plan
 
 
 _PLANS: dict[tuple, SpmmPlan | None] = {}
@@ -855,7 +863,9 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
     if plan is False:
         if len(_PLANS) >= 4096:
             _PLANS.clear()
-        plan = _PLANS[key] = make_plan(T, K, ldx, x.dtype, idx, values, columns, meta, bias, v, m, R, config)
+        plan = make_plan(T, K, ldx, x.dtype, idx, values, columns, meta, bias, v, m, R, config)
+        if plan is None or not plan.provisional:  # a capture's stand-in is not kept: the next eager call plans
+            _PLANS[key] = plan
     if plan is None:
         return spmm_reference(x, values, columns, meta, bias, v, m, out_features)
     with _on_device(idx):
