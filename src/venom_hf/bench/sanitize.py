@@ -7,6 +7,7 @@ one is wrong. Run it under the sanitizer::
 
     compute-sanitizer --tool memcheck --report-api-errors no python -m venom_hf.bench.sanitize
     compute-sanitizer --tool racecheck python -m venom_hf.bench.sanitize --quick   # one case per config, fp16
+    compute-sanitizer --tool racecheck python -m venom_hf.bench.sanitize --configs wg   # only configs wg*
 
 ``--profile prefill|decode|decode16`` instead runs one layer call five times (the Llama-7B-shaped prefill,
 1-token decode of a fused q|k|v, 16-token decode), for ``ncu -k regex:spatha_spmm --launch-skip 3
@@ -67,24 +68,27 @@ def _natural(c, tokens: int) -> bool:
     return tokens <= 16 if c.name.startswith("decode") else tokens > 16
 
 
-def plan(quick: bool) -> list:
-    """[(case, config name or None)]: each config on the first cases it accepts, then the automatic dispatch."""
+def plan(quick: bool, prefix: str = "") -> list:
+    """[(case, config name or None)]: each config (whose name starts with ``prefix``) on the first cases it
+    accepts, then the automatic dispatch (only without a prefix)."""
     nsm, smem = card()
     out = []
-    for c in configs.CONFIGS:
+    for c in [c for c in configs.CONFIGS if c.name.startswith(prefix)]:
         fits = [case for case in CASES if accepted(c, case, nsm, smem)]
         # the token counts the dispatch sends to this config first (its residues), then any other that fits
         cases = sorted(fits, key=lambda case: not _natural(c, case[4]))[: 1 if quick else 2]
         if not cases:
             print(f"config {c.name}: no case of the set fits it on this card (skipped)")
         out += [(case, c.name) for case in cases]
-    return out + [(case, None) for case in (AUTO[:1] if quick else AUTO)]
+    if not out:
+        raise SystemExit(f"no shipped config name starts with {prefix!r}")
+    return out + ([] if prefix else [(case, None) for case in (AUTO[:1] if quick else AUTO)])
 
 
-def run_set(quick: bool) -> int:
+def run_set(quick: bool, prefix: str = "") -> int:
     bad = 0
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
-    for (R, K, v, m, T), cfg in plan(quick):
+    for (R, K, v, m, T), cfg in plan(quick, prefix):
         for dt in dtypes:
             w = torch.randn(R, K, device="cuda").to(dt)
             p = vf.pack(w, f"{v}:2:{m}")
@@ -113,7 +117,9 @@ def profile(which: str, shape: str | None, tokens: int | None, spec: str | None,
     for _ in range(5):
         y = ops._spmm_cuda(x, p.values, p.columns, p.meta, None, s.v, s.m, R, config=config)
     torch.cuda.synchronize()
-    cfg = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, *card(), config)[0]
+    idx = torch.cuda.current_device()
+    cfg = ops.choose_config(T, p.values.shape[0], p.values.shape[1], s.v, s.m, *card(), config,
+                            ops.device_has_tma(idx), ops.device_has_wgmma(idx))[0]
     print(f"profiled {R}x{K} {s} T={T} fp16 config {cfg.name if cfg else 'reference'}: output {tuple(y.shape)}")
     return 0
 
@@ -121,6 +127,7 @@ def profile(which: str, shape: str | None, tokens: int | None, spec: str | None,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one case per config, fp16 only (for racecheck)")
+    ap.add_argument("--configs", default="", metavar="PREFIX", help="only the configs whose name starts so")
     ap.add_argument("--profile", choices=sorted(PROFILES), help="run one layer call 5 times instead (for ncu)")
     ap.add_argument("--shape", help="--profile: RxK, e.g. 4096x11008")
     ap.add_argument("--tokens", type=int, help="--profile: tokens")
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
     kernels.require_available()
     if args.profile:
         return profile(args.profile, args.shape, args.tokens, args.spec, args.config)
-    return run_set(args.quick)
+    return run_set(args.quick, args.configs)
 
 
 if __name__ == "__main__":
