@@ -232,6 +232,9 @@ def test_markdown_and_plot_of_a_gpu_shaped_result(tmp_path):
     assert "- 64:2:8 static b1: 2 dynamo recompiles after warm-up" in md
     assert "| dense | 10.000 (9.500) | 6.000 (60%) | 3.000 (30%) | 1.000 (10%) | 500 |" in md
     assert "projection time -> 0 gives at most 2.50x dense" in md
+    assert "one static-cache decode step, batch 1 (torch.profiler)" in md
+    formats["dense"]["profile"]["batch"] = 8  # a run with --batches 8 profiles at batch 8
+    assert "one static-cache decode step, batch 8 (torch.profiler)" in bench.markdown(res)
     bench.plot(res, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
 

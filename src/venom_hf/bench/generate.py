@@ -13,7 +13,7 @@ Per model and format it measures
   of two generation lengths: ``batch * (L2 - L1) / (t(L2) - t(L1))``, which cancels prefill and set-up;
 * peak GPU memory per mode (the model's weights + what the cell allocated + the sm_90 prefill kernel's chunk
   layouts, which live in driver memory) and the weight bytes (projections and lm_head separately);
-* for selected cells (default: llama3-8b dense and 64:2:8, static cache, batch 1) a torch.profiler split of
+* for selected cells (default: llama3-8b dense and 64:2:8, static cache, the smallest batch run) a torch.profiler split of
   one decode step into projection GEMM/SpMM time, other GPU kernels and GPU idle, and the Amdahl bounds it
   implies for the sparse formats.
 
@@ -562,7 +562,8 @@ def _profile_markdown(key: str, m: dict) -> list[str]:
     profs = {fmt: f["profile"] for fmt, f in m.get("formats", {}).items() if isinstance(f.get("profile"), dict)}
     if not profs:
         return []
-    out = ["", f"### {key}: one static-cache decode step, batch 1 (torch.profiler)", "",
+    batch = next((p["batch"] for p in profs.values() if "batch" in p), 1)
+    out = ["", f"### {key}: one static-cache decode step, batch {batch} (torch.profiler)", "",
            "| format | step ms (unprofiled) | projection GEMM/SpMM ms | other kernels ms | GPU idle ms "
            "| kernels/step |",
            "|---|---|---|---|---|---|"]
@@ -979,18 +980,20 @@ def _run_format(model, key, fmt, f, args, budget, estimates, device, modes) -> N
             keep = {}
             r = cell(mode, f"b{b}", lambda b=b, mode=mode, keep=keep: time_decode(
                 model, mode, b, args.prompt_len, l1, l2, args.repeats, args.seed, keep))
-            want = f"{key}:{fmt}" in args.profile_cells and mode == "static" and b == 1
+            # the profile is taken at the smallest batch of the run (batch 1 unless --batches leaves it out)
+            want = f"{key}:{fmt}" in args.profile_cells and mode == "static" and b == min(args.batches)
             if want and r is not None and "error" not in r and keep.get("cache") is not None:
                 if device.type != "cuda":
                     f["profile"] = {"skipped": "profiling splits GPU time; CUDA only"}
                 elif not budget.allows(estimates.get((key, "profile", ""), 0.0)):
                     f["profile"] = {"skipped": "budget"}
                 else:
-                    _log(budget, f"{key} {fmt} profile static b1")
+                    _log(budget, f"{key} {fmt} profile static b{b}")
                     t0 = time.perf_counter()
                     try:
                         f["profile"] = profile_decode(model, keep["cache"], keep["prompt"], l1, l2)
                         f["profile"]["unprofiled_step_ms"] = r.get("step_ms")
+                        f["profile"]["batch"] = b
                     except Exception as e:  # noqa: BLE001 - the timings stand without the profile
                         f["profile"] = _error(e)
                     if "error" in f["profile"]:
