@@ -144,18 +144,20 @@ def test_tma_dispatch_rules():
 
 def test_wg_dispatch_rules():
     """v8 sparse-wgmma prefill kernel: only on sm_90 (the sm_90a build), for M a power of two in 4..32, first in
-    the heuristic from WG_MIN_TOKENS for M <= WG_FIRST_MAX_M; whole 128-column stages per split, split-K only when the 256-row tiles
-    leave SMs idle; its stages fit the shared memory."""
+    the heuristic from WG_MIN_TOKENS for M <= WG_FIRST_MAX_M (M = 16 below WG_M16_MAX_ROWS rows); whole
+    128-column stages per split, split-K only when the 256-row tiles leave SMs idle; its stages fit the shared
+    memory."""
     assert [ops.has_wgmma(a) for a in ("sm_80", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")] == [
         False, False, True, True, False, False]
     wg_names = [c.name for c in configs.CONFIGS if c.kernel == "wg"]
-    for R, K, v, m in ((4096, 4096, 64, 8), (14336, 4096, 128, 16), (768, 768, 64, 4), (576, 1536, 32, 32),
-                       (4096, 4096, 64, 64), (1000, 1000, 16, 8)):
+    for R, K, v, m in ((4096, 4096, 64, 8), (14336, 4096, 128, 16), (768, 3072, 64, 16), (768, 768, 64, 4),
+                       (576, 1536, 32, 32), (4096, 4096, 64, 64), (1000, 1000, 16, 8)):
         Rp, Gp = vf.packed_shapes(R, K, f"{v}:2:{m}")["values"][:2]
         for T in (1, 16, 100, 128, 511, 512, 4096):
             assert ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024)[0].kernel != "wg"
             auto = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, wg=True)[0]
-            first = T >= ops.WG_MIN_TOKENS and m in ops.WG_MS and m <= ops.WG_FIRST_MAX_M
+            first = T >= ops.WG_MIN_TOKENS and m in ops.WG_MS and (
+                m <= ops.WG_FIRST_MAX_M or (m == 16 and Rp < ops.WG_M16_MAX_ROWS))
             assert (auto.kernel == "wg") == first, (R, K, m, T, auto.name)
             for name in wg_names:
                 c = configs.BY_NAME[name]

@@ -7,7 +7,8 @@ canonical tensors of docs/format.md:
   sweeps say it wins, v2 as fallback;
 * 17-64 tokens: the v2 kernel;
 * prefill (>= 65 tokens): one K-major copy of the activations per call (x^T) + the kt gather kernel; on
-  sm_90 (sm_90a build), from ``WG_MIN_TOKENS`` tokens at M <= ``WG_FIRST_MAX_M``, the v8 sparse-wgmma
+  sm_90 (sm_90a build), from ``WG_MIN_TOKENS`` tokens at M <= ``WG_FIRST_MAX_M`` (and at M = 16 below
+  ``WG_M16_MAX_ROWS`` rows), the v8 sparse-wgmma
   kernel, which reads the weight as 2:4 through a derived "chunk layout" (format.wgmma_layout, built once
   per weight on its device, 1/8 of the dense weight's bytes, ``wg_layout``).
 That is the built-in heuristic (``_search_config``, tuned on an H100). Where the card has a measured
@@ -261,13 +262,16 @@ KT128_MIN_CTAS_PER_SM = 2.0
 
 
 # v8 sparse-wgmma prefill kernel (sm_90a; runs M a power of two in 4..32): first in the heuristic from
-# WG_MIN_TOKENS tokens for M <= WG_FIRST_MAX_M, split-K when its 256 x 128 tiles leave SMs idle. H200
-# cold-weight sweep (docs/perf-notes.md, v8): at 64:2:8 1.14-1.35x the kt kernel on the >= 14336-row and
-# K = 14336 Llama layers, 1.02-1.07x on the 4096- and 6144-row ones, within +-6 % on 640/768-wide layers; at
-# 64:2:16 kt's gather halves the MMA work and v8 (whose 2:4 work does not shrink with M) is 0.88-0.99x of it.
-# The 4-stage config first (3 stages where 4 do not fit: M = 4).
+# WG_MIN_TOKENS tokens for M <= WG_FIRST_MAX_M, and at M = 16 on layers of fewer than WG_M16_MAX_ROWS padded
+# rows; split-K when its 256 x 128 tiles leave SMs idle. H200 cold-weight re-tune (docs/perf-notes.md, v8.1):
+# at 64:2:8 1.4-2.6x the kt kernel on every Llama-3-8B layer and 1.5-2.3x on the BERT-base ones; at 64:2:16,
+# where kt's gather halves the MMA work (v8's 2:4 work does not shrink with M), v8 is 1.0-2.0x kt on the
+# 768-, 1024-, 4096- and 6144-row layers from 2048 tokens and kt 1.0-1.15x v8 on the 14336/28672-row ones;
+# at M = 32 kt's gather (a quarter of v8's MMA work) wins. The 4-stage config first (3 stages where 4 do not
+# fit: M = 4).
 WG_MIN_TOKENS = 128
 WG_FIRST_MAX_M = 8
+WG_M16_MAX_ROWS = 12288
 WG_MS = (4, 8, 16, 32)
 
 
@@ -453,7 +457,7 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     Python per call); the key holds the module's tunables too, so changing one (tests, the sweep) is seen.
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
-    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg, WG_MIN_TOKENS, WG_FIRST_MAX_M,
+    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg, WG_MIN_TOKENS, WG_FIRST_MAX_M, WG_M16_MAX_ROWS,
            TMA_CTAS_PER_SM,
            TMA_SMEM_CAP, TMA_MIN_WEIGHTS,
            STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
@@ -478,7 +482,7 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
             order = _tma_order(T) + order
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
-        if wg and T >= WG_MIN_TOKENS and m <= WG_FIRST_MAX_M:
+        if wg and T >= WG_MIN_TOKENS and (m <= WG_FIRST_MAX_M or (m == 16 and Rp < WG_M16_MAX_ROWS)):
             order = _wg_order() + order
     order += [B["decode16"]]
     nsteps = Gp // 8
