@@ -267,8 +267,8 @@ KT128_MIN_CTAS_PER_SM = 2.0
 # at 64:2:8 1.4-2.6x the kt kernel on every Llama-3-8B layer and 1.5-2.3x on the BERT-base ones; at 64:2:16,
 # where kt's gather halves the MMA work (v8's 2:4 work does not shrink with M), v8 is 1.0-2.0x kt on the
 # 768-, 1024-, 4096- and 6144-row layers from 2048 tokens and kt 1.0-1.15x v8 on the 14336/28672-row ones;
-# at M = 32 kt's gather (a quarter of v8's MMA work) wins. The 4-stage config first (3 stages where 4 do not
-# fit: M = 4).
+# at M = 32 kt (a quarter of v8's MMA work) is 1.7-2.7x cuBLAS from 2048 tokens, above v8's time, which does
+# not depend on M (1.3-1.5x at M = 8). The 4-stage config first (3 stages where 4 do not fit: M = 4).
 WG_MIN_TOKENS = 128
 WG_FIRST_MAX_M = 8
 WG_M16_MAX_ROWS = 12288
