@@ -84,18 +84,24 @@ def _dispatch_modes_active() -> bool:
 _MAX_PLANS = 16
 
 
+def _weight_identity(values, columns, meta, bias) -> tuple:
+    """What a cached plan was made for: the weight tensors' addresses and the in-place versions of the
+    tensors its derived layouts come from (columns, meta)."""
+    return (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            _ops.tensor_version(columns), _ops.tensor_version(meta))
+
+
 def _fast_spmm(plans: dict, x: torch.Tensor, values, columns, meta, bias):
     """The output through a cached launch plan, or None when the call must take the op."""
     entry = plans.get((x.shape, x.dtype))
     if entry is None:
         return None
-    plan, ptrs, out_shape = entry
+    plan, made_for, out_shape = entry
     idx = plan.idx
     if (x.get_device() != idx or type(x) is not torch.Tensor or x.requires_grad or not x.is_contiguous()
             or x.data_ptr() % 16 or torch.cuda.current_device() != idx or _dispatch_modes_active()):
         return None
-    if (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr(),
-            _ops.tensor_version(columns), _ops.tensor_version(meta)) != ptrs:
+    if _weight_identity(values, columns, meta, bias) != made_for:
         return None
     return plan.run(x.data_ptr(), torch._C._cuda_getCurrentRawStream(idx), out_shape)
 
@@ -124,9 +130,7 @@ def _remember_plan(plans: dict, x: torch.Tensor, values, columns, meta, bias, v:
         return
     if len(plans) >= _MAX_PLANS:  # e.g. many prompt lengths: start over rather than grow
         plans.clear()
-    ptrs = (values.data_ptr(), columns.data_ptr(), meta.data_ptr(), 0 if bias is None else bias.data_ptr(),
-            _ops.tensor_version(columns), _ops.tensor_version(meta))
-    plans[(x.shape, x.dtype)] = (plan, ptrs, (*x.shape[:-1], R))
+    plans[(x.shape, x.dtype)] = (plan, _weight_identity(values, columns, meta, bias), (*x.shape[:-1], R))
 
 
 def _eager_fast_path_allowed(x) -> bool:

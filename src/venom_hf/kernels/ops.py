@@ -457,12 +457,7 @@ def choose_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_sm
     Python per call); the key holds the module's tunables too, so changing one (tests, the sweep) is seen.
     """
     name = name or os.environ.get("VENOM_HF_SPMM_CONFIG") or None
-    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg, WG_MIN_TOKENS, WG_FIRST_MAX_M, WG_M16_MAX_ROWS,
-           TMA_CTAS_PER_SM,
-           TMA_SMEM_CAP, TMA_MIN_WEIGHTS,
-           STREAM_CTAS_PER_SM, STREAM_SMEM_CAP, STREAM_PARTIAL_SHARE,
-           RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K, KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS,
-           KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM)
+    key = (T, Rp, Gp, v, m, num_sms, max_smem, name, tma, wg) + _tunables()
     choice = _CHOICES.get(key)
     if choice is None:
         if len(_CHOICES) >= 4096:  # many distinct prefill lengths: start over rather than grow
@@ -906,7 +901,7 @@ def _tunables() -> tuple:
     return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
             STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K,
             KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM, WG_MIN_TOKENS,
-            WG_FIRST_MAX_M)
+            WG_FIRST_MAX_M, WG_M16_MAX_ROWS)
 
 
 @torch.library.custom_op("venom::spmm", mutates_args=())
