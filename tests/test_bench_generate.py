@@ -151,32 +151,44 @@ def test_tiny_run_writes_results_and_sparse_tokens_match_masked_dense(tmp_path):
     assert tokens == formats["64:2:8"]["eager"]["b1"]["tokens"]
 
 
-def test_prefill_and_eager_rounds_alternate_over_formats(tmp_path, capsys):
+def test_rounds_alternate_over_formats(tmp_path, capsys, monkeypatch):
     """Interleaved cells: every format gets one timed repeat per round, rounds in alternating format order,
-    merged into one result per cell; --sequential keeps the per-format order and the same result fields."""
+    merged into one result per cell (static cells last, each format's static cache made once and reused by
+    its rounds); --sequential keeps the per-format order and the same result fields."""
+    made = []
+    new_cache = bench.new_static_cache
+    monkeypatch.setattr(bench, "new_static_cache", lambda *a: made.append(new_cache(*a)) or made[-1])
     args = ["--tiny", "--models", "smollm2-135m", "--formats", "dense", "64:2:16", "--modes", "prefill", "eager",
-            "--batches", "2", "--new-tokens", "1", "2", "--prefill", "1x8", "--repeats", "3"]
+            "static", "--batches", "2", "--new-tokens", "1", "2", "--prefill", "1x8", "--repeats", "3"]
     res = bench.main(args + ["--out", str(tmp_path / "a")])
-    log = [ln for ln in capsys.readouterr().err.splitlines() if "(round" in ln]
-    eager = [ln.split("] ")[1] for ln in log if " eager b2 " in ln]
-    assert eager == ["smollm2-135m dense eager b2 (round 1)", "smollm2-135m 64:2:16 eager b2 (round 1)",
-                     "smollm2-135m 64:2:16 eager b2 (round 2)", "smollm2-135m dense eager b2 (round 2)",
-                     "smollm2-135m dense eager b2 (round 3)", "smollm2-135m 64:2:16 eager b2 (round 3)"]
+    log = [ln.split("] ")[1] for ln in capsys.readouterr().err.splitlines() if "(round" in ln]
+    for mode in ("eager", "static"):
+        assert [ln for ln in log if f" {mode} b2 " in ln] == [
+            f"smollm2-135m dense {mode} b2 (round 1)", f"smollm2-135m 64:2:16 {mode} b2 (round 1)",
+            f"smollm2-135m 64:2:16 {mode} b2 (round 2)", f"smollm2-135m dense {mode} b2 (round 2)",
+            f"smollm2-135m dense {mode} b2 (round 3)", f"smollm2-135m 64:2:16 {mode} b2 (round 3)"]
+    assert max(i for i, ln in enumerate(log) if " eager " in ln) < min(i for i, ln in enumerate(log) if " static " in ln)
+    assert len(made) == 2  # one static cache per format, not one per round
     seq = bench.main(args + ["--sequential", "--out", str(tmp_path / "b")])
     assert not any("(round" in ln for ln in capsys.readouterr().err.splitlines())
     for r in (res, seq):
         for fmt, f in r["models"]["smollm2-135m"]["formats"].items():
-            dec, pre = f["eager"]["b2"], f["prefill"]["1x8"]
-            assert len(dec["t_L1_s"]) == len(dec["t_L2_s"]) == 3 and len(pre["times_ms"]) == 3
-            assert pre["ms"] == sorted(pre["times_ms"])[1]
-            t1, t2 = sorted(dec["t_L1_s"])[1], sorted(dec["t_L2_s"])[1]
-            assert dec["step_ms"] == (pytest.approx((t2 - t1) * 1e3) if t2 > t1 else None)
-            assert len(dec["tokens"]) == 2 and len(dec["tokens"][0]) == 2
-    # the same weights and prompts: the same greedy tokens either way
+            pre = f["prefill"]["1x8"]
+            assert len(pre["times_ms"]) == 3 and pre["ms"] == sorted(pre["times_ms"])[1]
+            for mode in ("eager", "static"):
+                dec = f[mode]["b2"]
+                assert len(dec["t_L1_s"]) == len(dec["t_L2_s"]) == 3
+                t1, t2 = sorted(dec["t_L1_s"])[1], sorted(dec["t_L2_s"])[1]
+                assert dec["step_ms"] == (pytest.approx((t2 - t1) * 1e3) if t2 > t1 else None)
+                assert len(dec["tokens"]) == 2 and len(dec["tokens"][0]) == 2
+            assert f["static"]["b2"]["recompiles"] == 0
+    # the same weights and prompts: the same greedy tokens either way, and static cache = dynamic cache
     for fmt in ("dense", "64:2:16"):
-        assert (res["models"]["smollm2-135m"]["formats"][fmt]["eager"]["b2"]["tokens"]
-                == seq["models"]["smollm2-135m"]["formats"][fmt]["eager"]["b2"]["tokens"])
-    assert res["models"]["smollm2-135m"]["formats"]["dense"]["eager"]["b2"]["rounds"] == 3
+        tokens = res["models"]["smollm2-135m"]["formats"][fmt]["eager"]["b2"]["tokens"]
+        assert tokens == seq["models"]["smollm2-135m"]["formats"][fmt]["eager"]["b2"]["tokens"]
+        assert tokens == res["models"]["smollm2-135m"]["formats"][fmt]["static"]["b2"]["tokens"]
+    for mode in ("eager", "static"):
+        assert res["models"]["smollm2-135m"]["formats"]["dense"][mode]["b2"]["rounds"] == 3
 
 
 def test_static_mode_and_budget_skip(tmp_path):
@@ -225,7 +237,7 @@ def test_markdown_and_plot_of_a_gpu_shaped_result(tmp_path):
     b = am["formats"]["64:2:8"]
     assert b["byte_ratio"] == pytest.approx(4 / 14)
     assert b["bound_by_bytes"] == pytest.approx(10 / (4 + 6 * 4 / 14))
-    assert b["measured_static_b1"] == pytest.approx(1.5)
+    assert b["measured_static"] == pytest.approx(1.5) and am["batch"] == 1
     md = bench.markdown(res)
     assert "| 64:2:8 | 80.0 (0.75x) | 150 (1.50x) | - | 6.00 GiB (3.00 GiB) |" in md
     assert "| 2:4 | error | skipped |" in md and "- 2:4 prefill 1x2048: RuntimeError: boom" in md
@@ -233,8 +245,15 @@ def test_markdown_and_plot_of_a_gpu_shaped_result(tmp_path):
     assert "| dense | 10.000 (9.500) | 6.000 (60%) | 3.000 (30%) | 1.000 (10%) | 500 |" in md
     assert "projection time -> 0 gives at most 2.50x dense" in md
     assert "one static-cache decode step, batch 1 (torch.profiler)" in md
-    formats["dense"]["profile"]["batch"] = 8  # a run with --batches 8 profiles at batch 8
-    assert "one static-cache decode step, batch 8 (torch.profiler)" in bench.markdown(res)
+    assert "bound 1.75x; measured static b1 1.50x (86% of the bound)" in md
+    # a profile at batch 8 (--profile-batch 8): the Amdahl line compares the static b8 ratio
+    formats["dense"]["profile"]["batch"] = 8
+    formats["dense"]["static"]["b8"] = {"tok_s": 400.0}
+    formats["64:2:8"]["static"]["b8"] = {"tok_s": 500.0}
+    bench._amdahl(res["models"]["llama3-8b"])
+    md = bench.markdown(res)
+    assert "one static-cache decode step, batch 8 (torch.profiler)" in md
+    assert "measured static b8 1.25x" in md
     bench.plot(res, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
 

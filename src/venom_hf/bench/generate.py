@@ -13,14 +13,15 @@ Per model and format it measures
   of two generation lengths: ``batch * (L2 - L1) / (t(L2) - t(L1))``, which cancels prefill and set-up;
 * peak GPU memory per mode (the model's weights + what the cell allocated + the sm_90 prefill kernel's chunk
   layouts, which live in driver memory) and the weight bytes (projections and lm_head separately);
-* for selected cells (default: llama3-8b dense and 64:2:8, static cache, the smallest batch run) a torch.profiler split of
-  one decode step into projection GEMM/SpMM time, other GPU kernels and GPU idle, and the Amdahl bounds it
-  implies for the sparse formats.
+* for selected cells (default: llama3-8b dense and 64:2:8, static cache, the smallest batch run or
+  ``--profile-batch``) a torch.profiler split of one decode step into projection GEMM/SpMM time, other GPU
+  kernels and GPU idle, and the Amdahl bounds it implies for the sparse formats.
 
-All formats of a model are built first and stay in memory (``--sequential``: one at a time): prefill and
-eager decode are host-sensitive, so their ``--repeats`` are rounds over all formats in alternating order,
-and a drift of the machine's speed during the run reaches every format alike. Static-cache cells then run
-one format at a time.
+All formats of a model are built first and stay in memory (``--sequential``: one at a time). Every cell is
+host-sensitive (decode of a small model is bound by ``generate()``'s host time per token, static cache
+included), so its ``--repeats`` are rounds over all formats in alternating order, and a drift of the
+machine's speed during the run reaches every format alike. Static-cache cells run after the others; each
+format compiles its graphs in the first round and keeps them (and its cache) for the later rounds.
 
 Writes ``generate_<card>.json`` / ``.md`` / ``.png`` into ``--out`` after every format, so a run that is
 stopped still leaves its results, and prints the markdown at the end. A failing cell (e.g. 2:4 under
@@ -38,6 +39,7 @@ building are seconds. ``--skip`` drops cells by pattern, e.g. ``'smollm2-135m:*:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import gc
 import json
@@ -298,10 +300,13 @@ def time_decode(model: nn.Module, mode: str, batch: int, prompt_len: int, l1: in
                 seed: int, keep: dict | None = None) -> dict:
     """Decode tokens/s of ``generate`` by the difference of two lengths. ``mode``: "eager" (transformers'
     default dynamic cache) or "static" (one StaticCache of prompt + L2 positions shared by both lengths, so
-    they run the same compiled graphs). ``keep`` receives the cache and prompt for a later profile."""
+    they run the same compiled graphs). ``keep`` receives the cache and prompt for a later profile; a static
+    cache already in it is reused (interleaved rounds replay the graphs recorded for it in the first round)."""
     device = model.device
     prompt = make_prompt(model.config.vocab_size, batch, prompt_len, seed, device)
-    cache = new_static_cache(model, prompt_len + l2) if mode == "static" else None
+    cache = None
+    if mode == "static":
+        cache = (keep or {}).get("cache") or new_static_cache(model, prompt_len + l2)
     base = _reset_peak(device)
     c0 = _dynamo_counts()
     _sync(device)
@@ -517,7 +522,7 @@ def markdown(res: dict) -> str:
              f"({s['new_tokens'][1]} - {s['new_tokens'][0]}) / (t({s['new_tokens'][1]}) - t({s['new_tokens'][0]})) "
              f"of greedy `generate`, medians of {s['repeats']}"
              + ("" if s.get("sequential", False) else
-                " (prefill and eager: rounds over all formats in alternating order, every model resident)")
+                " (rounds over all formats in alternating order, every model resident)")
              + "; (x) = ratio to dense in this run, >1 is faster."
              + (f" Peak memory: {res['peak_mem_note']}." if res.get("peak_mem_note") else ""),
              ""]
@@ -586,9 +591,9 @@ def _profile_markdown(key: str, m: dict) -> list[str]:
             out.append(f"Amdahl from the dense step: projection time -> 0 gives at most {z:.2f}x dense; with the "
                        "GEMM time scaled by the bytes those kernels read:")
         for fmt, b in am.get("formats", {}).items():
-            meas = b.get("measured_static_b1")
+            meas = b.get("measured_static")
             out.append(f"- {fmt}: GEMM-bucket bytes (projections + lm_head) {b['byte_ratio']:.3f}x dense -> bound "
-                       f"{b['bound_by_bytes']:.2f}x; measured static b1 "
+                       f"{b['bound_by_bytes']:.2f}x; measured static b{am.get('batch', 1)} "
                        + (f"{meas:.2f}x ({meas / b['bound_by_bytes']:.0%} of the bound)" if meas else "n/a"))
     return out
 
@@ -694,6 +699,19 @@ def _reset_compiled_state(device: torch.device) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _recompile_limit(graphs: int):
+    """Room in dynamo's per-code-object cache for ``graphs`` compiled graphs at once: the models of every
+    format share the code of their forward, and each (format, batch) compiles its own."""
+    cfg = torch._dynamo.config
+    old = cfg.recompile_limit
+    cfg.recompile_limit = max(old, 2 * graphs)
+    try:
+        yield
+    finally:
+        cfg.recompile_limit = old
+
+
 def _parse_shape(s: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)x(\d+)", s)
     if not m:
@@ -714,15 +732,17 @@ def _parse_args(argv):
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill", nargs="+", default=["1x2048", "8x512"], help="prefill shapes BATCHxSEQ")
     ap.add_argument("--repeats", type=int, default=3,
-                    help="timed repeats per measurement (after one warm-up); prefill and eager cells run them as "
-                         "rounds over all formats, alternating the order")
+                    help="timed repeats per measurement (after one warm-up), run as rounds over all formats, "
+                         "alternating the order")
     ap.add_argument("--sequential", action="store_true",
                     help="one format's model in memory at a time, all its cells in a row (for GPUs without room "
                          "for every format at once; host-speed drift then favours some formats)")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 128, vocab 512: a CPU smoke test")
     ap.add_argument("--out", default="out/generate")
     ap.add_argument("--profile", nargs="*", default=list(DEFAULT_PROFILE), metavar="MODEL:FORMAT",
-                    help="cells whose static-cache batch-1 decode step is profiled (CUDA only)")
+                    help="cells whose static-cache decode step is profiled (CUDA only)")
+    ap.add_argument("--profile-batch", type=int, default=None,
+                    help="the decode batch of the profiles (default: the smallest of --batches)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="wall-clock budget in seconds (0: none); work that would not fit is skipped")
@@ -746,6 +766,10 @@ def _parse_args(argv):
                 ap.error(f"format {fmt!r}: {e}")
     args.prefill_shapes = [_parse_shape(s) for s in args.prefill]
     args.profile_cells = set() if args.no_profile else set(args.profile or ())
+    if args.profile_batch is None:
+        args.profile_batch = min(args.batches)
+    elif args.profile_batch not in args.batches:
+        ap.error(f"--profile-batch {args.profile_batch} is not one of --batches {args.batches}")
     return args
 
 
@@ -774,7 +798,8 @@ def main(argv=None) -> dict:
            "settings": {"models": args.models, "formats": args.formats, "modes": args.modes, "batches": args.batches,
                         "new_tokens": [l1, l2], "prompt_len": args.prompt_len, "prefill": args.prefill,
                         "repeats": args.repeats, "tiny": args.tiny, "seed": args.seed, "budget_s": args.budget_s,
-                        "profile": sorted(args.profile_cells), "skip": args.skip, "sequential": args.sequential},
+                        "profile": sorted(args.profile_cells),
+                        "profile_batch": args.profile_batch, "skip": args.skip, "sequential": args.sequential},
            "models": {}, "_t0": budget.t0}
     if cuda and args.profile_cells:
         # CUPTI must be set up before the first CUDA graph is captured, or kernels replayed from graphs
@@ -823,20 +848,23 @@ def main(argv=None) -> dict:
                 models[fmt] = model
                 model = None
         if models:
-            # prefill and eager decode are timed in rounds over all formats (each round in the other order),
-            # so that a drift of the host's speed during the run (eager decode is host-bound) reaches every
-            # format alike; the static cells then run one format at a time (each compiles its own graphs)
-            _run_interleaved(models, key, m, args, budget, estimates, device)
-            write_outputs(res, args.out, with_plot=False)
-            for fmt in list(models):
-                if "static" in args.modes:
-                    _reset_compiled_state(device)  # each format compiles as in a fresh process
-                    _run_format(models[fmt], key, fmt, m["formats"][fmt], args, budget, estimates, device,
-                                ("static",))
-                del models[fmt]
-                _free(device)
-                _amdahl(m)
+            # every cell is timed in rounds over all formats (each round in the other order), so that a drift
+            # of the host's speed during the run (decode of small models is host-bound, static cache
+            # included) reaches every format alike
+            def save():
                 write_outputs(res, args.out, with_plot=False)
+
+            _run_interleaved(models, key, m, args, budget, estimates, device,
+                             [x for x in args.modes if x != "static"], save)
+            if "static" in args.modes:
+                _reset_compiled_state(device)
+                with _recompile_limit(len(models) * len(args.batches)):
+                    _run_interleaved(models, key, m, args, budget, estimates, device, ["static"], save)
+                _reset_compiled_state(device)  # the CUDA-graph pools of this model's formats
+            models.clear()
+            _free(device)
+            _amdahl(m)
+            write_outputs(res, args.out, with_plot=False)
         write_outputs(res, args.out)
     md = write_outputs(res, args.out)
     _log(budget, f"done; files in {args.out}")
@@ -916,20 +944,31 @@ def _merge_rounds(mode: str, rounds: list[dict]) -> dict:
                tok_s=batch * (l2 - l1) / dt if dt > 0 else None, step_ms=dt / (l2 - l1) * 1e3 if dt > 0 else None)
     if dt > 0:
         out.pop("note", None)
+    if "dynamo_warmup" in rounds[0]:
+        # the first round's warm-up compiles; any frame compiled after it, in any round, is a recompile
+        out["dynamo_warmup"] = rounds[0]["dynamo_warmup"]
+        out["recompiles"] = (sum(r.get("recompiles", 0) for r in rounds)
+                             + sum(r["dynamo_warmup"].get("frames_compiled", 0) for r in rounds[1:]))
+        out["compiled"] = any(r.get("compiled") for r in rounds)
     return out
 
 
-def _run_interleaved(models: dict, key, m, args, budget, estimates, device) -> None:
-    """Prefill and eager cells of every format, ``--repeats`` rounds of one timed repeat per format."""
+def _run_interleaved(models: dict, key, m, args, budget, estimates, device, modes, on_cell=None) -> None:
+    """The cells of ``modes`` for every format, ``--repeats`` rounds of one timed repeat per format. A static
+    cell's first round compiles that format's graphs (every format's stay resident, so later rounds replay
+    them); its cache is kept per format for the rounds and the profile. ``on_cell()`` runs after each cell."""
     l1, l2 = args.new_tokens
+    keeps: dict[tuple[str, str], dict] = {}
     cells = []
-    if "prefill" in args.modes:
+    if "prefill" in modes:
         for (b, sq), name in zip(args.prefill_shapes, args.prefill):
-            cells.append(("prefill", name, lambda model, b=b, sq=sq: time_prefill(model, b, sq, 1, args.seed)))
-    if "eager" in args.modes:
-        for b in args.batches:
-            cells.append(("eager", f"b{b}", lambda model, b=b: time_decode(
-                model, "eager", b, args.prompt_len, l1, l2, 1, args.seed)))
+            cells.append(("prefill", name, lambda model, fmt, b=b, sq=sq: time_prefill(model, b, sq, 1, args.seed)))
+    for mode in ("eager", "static"):
+        if mode in modes:
+            for b in args.batches:
+                cells.append((mode, f"b{b}", lambda model, fmt, b=b, mode=mode: time_decode(
+                    model, mode, b, args.prompt_len, l1, l2, 1, args.seed,
+                    keeps.setdefault((fmt, f"b{b}"), {}) if mode == "static" else None)))
     for mode, sub, fn in cells:
         active = []
         for fmt in models:
@@ -945,13 +984,20 @@ def _run_interleaved(models: dict, key, m, args, budget, estimates, device) -> N
             for fmt in active if r % 2 == 0 else active[::-1]:
                 if rounds[fmt] and "error" in rounds[fmt][-1]:
                     continue
-                res = _run_cell(lambda: fn(models[fmt]), f"{key} {fmt} {mode} {sub} (round {r + 1})", budget, device)
+                res = _run_cell(lambda: fn(models[fmt], fmt), f"{key} {fmt} {mode} {sub} (round {r + 1})", budget,
+                                device)
                 rounds[fmt].append(res)
         for fmt in active:
             failed = [x for x in rounds[fmt] if "error" in x]
             res = failed[0] if failed else _merge_rounds(mode, rounds[fmt])
             estimates[(key, mode, sub)] = res["cell_s"]
             m["formats"][fmt].setdefault(mode, {})[sub] = res
+            if mode == "static" and "error" not in res:
+                _maybe_profile(models[fmt], key, fmt, m["formats"][fmt], int(sub[1:]), res,
+                               keeps.get((fmt, sub), {}), args, budget, estimates, device)
+        if on_cell is not None:
+            on_cell()
+    keeps.clear()
 
 
 def _run_format(model, key, fmt, f, args, budget, estimates, device, modes) -> None:
@@ -980,31 +1026,39 @@ def _run_format(model, key, fmt, f, args, budget, estimates, device, modes) -> N
             keep = {}
             r = cell(mode, f"b{b}", lambda b=b, mode=mode, keep=keep: time_decode(
                 model, mode, b, args.prompt_len, l1, l2, args.repeats, args.seed, keep))
-            # the profile is taken at the smallest batch of the run (batch 1 unless --batches leaves it out)
-            want = f"{key}:{fmt}" in args.profile_cells and mode == "static" and b == min(args.batches)
-            if want and r is not None and "error" not in r and keep.get("cache") is not None:
-                if device.type != "cuda":
-                    f["profile"] = {"skipped": "profiling splits GPU time; CUDA only"}
-                elif not budget.allows(estimates.get((key, "profile", ""), 0.0)):
-                    f["profile"] = {"skipped": "budget"}
-                else:
-                    _log(budget, f"{key} {fmt} profile static b{b}")
-                    t0 = time.perf_counter()
-                    try:
-                        f["profile"] = profile_decode(model, keep["cache"], keep["prompt"], l1, l2)
-                        f["profile"]["unprofiled_step_ms"] = r.get("step_ms")
-                        f["profile"]["batch"] = b
-                    except Exception as e:  # noqa: BLE001 - the timings stand without the profile
-                        f["profile"] = _error(e)
-                    if "error" in f["profile"]:
-                        _log(budget, f"{key} {fmt} profile: {f['profile']['error']}")
-                    estimates[(key, "profile", "")] = time.perf_counter() - t0
+            if mode == "static" and r is not None and "error" not in r:
+                _maybe_profile(model, key, fmt, f, b, r, keep, args, budget, estimates, device)
             keep.clear()
+
+
+def _maybe_profile(model, key, fmt, f, b, r, keep, args, budget, estimates, device) -> None:
+    """The profile of a static cell ``r`` (batch ``b``) when ``--profile`` names its model and format and ``b``
+    is ``--profile-batch``, on the cell's cache."""
+    l1, l2 = args.new_tokens
+    if f"{key}:{fmt}" not in args.profile_cells or b != args.profile_batch or keep.get("cache") is None:
+        return
+    if device.type != "cuda":
+        f["profile"] = {"skipped": "profiling splits GPU time; CUDA only"}
+        return
+    if not budget.allows(estimates.get((key, "profile", ""), 0.0)):
+        f["profile"] = {"skipped": "budget"}
+        return
+    _log(budget, f"{key} {fmt} profile static b{b}")
+    t0 = time.perf_counter()
+    try:
+        f["profile"] = profile_decode(model, keep["cache"], keep["prompt"], l1, l2)
+        f["profile"]["unprofiled_step_ms"] = r.get("step_ms")
+        f["profile"]["batch"] = b
+    except Exception as e:  # noqa: BLE001 - the timings stand without the profile
+        f["profile"] = _error(e)
+    if "error" in f["profile"]:
+        _log(budget, f"{key} {fmt} profile: {f['profile']['error']}")
+    estimates[(key, "profile", "")] = time.perf_counter() - t0
 
 
 def _amdahl(m: dict) -> None:
     """Bounds for every sparse format from the dense profile: its step with the GEMM bucket (projections +
-    lm_head) shrunk by the bucket's weight-byte ratio, next to the measured static b1 ratio."""
+    lm_head) shrunk by the bucket's weight-byte ratio, next to the measured static ratio at the profile's batch."""
     fm = m["formats"]
     dense = fm.get("dense") or {}
     prof = dense.get("profile")
@@ -1013,17 +1067,18 @@ def _amdahl(m: dict) -> None:
     step = prof["per_step_ms"]
     am = amdahl_bounds(step)
     am["dense_step_ms"] = step
+    am["batch"] = batch = prof.get("batch", 1)
     am["formats"] = {}
     dwb = dense["weight_bytes"]
-    d_static = ((dense.get("static") or {}).get("b1") or {}).get("tok_s")
+    d_static = ((dense.get("static") or {}).get(f"b{batch}") or {}).get("tok_s")
     for fmt, f in fm.items():
         wb = f.get("weight_bytes")
         if fmt == "dense" or not wb:
             continue
         ratio = (wb["projections"] + wb["lm_head"]) / (dwb["projections"] + dwb["lm_head"])
         b = amdahl_bounds(step, ratio)
-        s = ((f.get("static") or {}).get("b1") or {}).get("tok_s")
-        b["measured_static_b1"] = s / d_static if s and d_static else None
+        s = ((f.get("static") or {}).get(f"b{batch}") or {}).get("tok_s")
+        b["measured_static"] = s / d_static if s and d_static else None
         am["formats"][fmt] = b
     m["amdahl"] = am
 
