@@ -144,7 +144,8 @@ def test_tma_dispatch_rules():
 
 def test_wg_dispatch_rules():
     """v8 sparse-wgmma prefill kernel: only on sm_90 (the sm_90a build), for M a power of two in 4..32, first in
-    the heuristic from WG_MIN_TOKENS for M <= WG_FIRST_MAX_M (M = 16 below WG_M16_MAX_ROWS rows); whole
+    the heuristic from WG_MIN_TOKENS for M <= WG_FIRST_MAX_M (M = 16 below WG_M16_MAX_ROWS rows) except on
+    layers narrower than KT32_SMALL_MAX_K up to KT32_SMALL_MAX_TOKENS tokens (kt32x128 first there); whole
     128-column stages per split, split-K only when the 256-row tiles leave SMs idle; its stages fit the shared
     memory."""
     assert [ops.has_wgmma(a) for a in ("sm_80", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")] == [
@@ -156,9 +157,12 @@ def test_wg_dispatch_rules():
         for T in (1, 16, 100, 128, 511, 512, 4096):
             assert ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024)[0].kernel != "wg"
             auto = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, wg=True)[0]
-            first = T >= ops.WG_MIN_TOKENS and m in ops.WG_MS and (
+            narrow = ops.KT_MIN_TOKENS <= T <= ops.KT32_SMALL_MAX_TOKENS and Gp * m < ops.KT32_SMALL_MAX_K
+            first = T >= ops.WG_MIN_TOKENS and m in ops.WG_MS and not narrow and (
                 m <= ops.WG_FIRST_MAX_M or (m == 16 and Rp < ops.WG_M16_MAX_ROWS))
             assert (auto.kernel == "wg") == first, (R, K, m, T, auto.name)
+            if narrow and v % 32 == 0:
+                assert auto.name == "kt32x128", (R, K, m, T, auto.name)
             for name in wg_names:
                 c = configs.BY_NAME[name]
                 got, kw, split, steps = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, name, wg=True)

@@ -10,7 +10,8 @@ canonical tensors of docs/format.md:
   sm_90 (sm_90a build), from ``WG_MIN_TOKENS`` tokens at M <= ``WG_FIRST_MAX_M`` (and at M = 16 below
   ``WG_M16_MAX_ROWS`` rows), the v8 sparse-wgmma
   kernel, which reads the weight as 2:4 through a derived "chunk layout" (format.wgmma_layout, built once
-  per weight on its device, 1/8 of the dense weight's bytes, ``wg_layout``).
+  per weight on its device, 1/8 of the dense weight's bytes, ``wg_layout``); on layers narrower than
+  ``KT32_SMALL_MAX_K`` columns up to ``KT32_SMALL_MAX_TOKENS`` tokens, kt's 32-row tiles first.
 That is the built-in heuristic (``_search_config``, tuned on an H100). Where the card has a measured
 dispatch table (dispatch.py: shipped per card, or written by ``venom-hf tune``) with an entry for the layer
 shape and token count, ``make_plan`` takes the table's config instead, if it fits the call.
@@ -274,6 +275,15 @@ WG_FIRST_MAX_M = 8
 WG_M16_MAX_ROWS = 12288
 WG_MS = (4, 8, 16, 32)
 
+# Narrow layers (K < KT32_SMALL_MAX_K padded columns) at KT_MIN_TOKENS..KT32_SMALL_MAX_TOKENS tokens: kt32x128
+# first, ahead of v8 and kt64x128k2. There every kernel is latency-bound (~8 us a call on the H200, cuBLAS
+# 3-8 us) and the 32-row tiles put the most CTAs on the layer. The H200 re-tune of the SmolLM2 / Gemma-3-270M /
+# BERT-base layers at 128 and 512 tokens (62 cases of K = 576-768, docs/perf-notes.md): the heuristic's time
+# over the best config's, geometric mean 1.16x with v8 first, 1.06x with this rule (worst case 1.95x -> 1.34x);
+# on the K >= 1024 layers v8 or kt64x128k2 stays the better first choice.
+KT32_SMALL_MAX_K = 1024
+KT32_SMALL_MAX_TOKENS = 512
+
 
 def _wg_order() -> list:
     B = _cfg.BY_NAME
@@ -477,7 +487,9 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
             order = _tma_order(T) + order
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
-        if wg and T >= WG_MIN_TOKENS and (m <= WG_FIRST_MAX_M or (m == 16 and Rp < WG_M16_MAX_ROWS)):
+        if KT_MIN_TOKENS <= T <= KT32_SMALL_MAX_TOKENS and Gp * m < KT32_SMALL_MAX_K:
+            order = [B["kt32x128"]] + order
+        elif wg and T >= WG_MIN_TOKENS and (m <= WG_FIRST_MAX_M or (m == 16 and Rp < WG_M16_MAX_ROWS)):
             order = _wg_order() + order
     order += [B["decode16"]]
     nsteps = Gp // 8
@@ -901,7 +913,7 @@ def _tunables() -> tuple:
     return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
             STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K,
             KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM, WG_MIN_TOKENS,
-            WG_FIRST_MAX_M, WG_M16_MAX_ROWS)
+            WG_FIRST_MAX_M, WG_M16_MAX_ROWS, KT32_SMALL_MAX_K, KT32_SMALL_MAX_TOKENS)
 
 
 @torch.library.custom_op("venom::spmm", mutates_args=())
