@@ -701,8 +701,9 @@ def _reset_compiled_state(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def _recompile_limit(graphs: int):
-    """Room in dynamo's per-code-object cache for ``graphs`` compiled graphs at once: the models of every
-    format share the code of their forward, and each (format, batch) compiles its own."""
+    """Room in dynamo's per-code-object cache for ``graphs`` compiled graphs at once (twice that, as headroom):
+    the models of every format share the code of their forward, and each (format, batch) compiles its own.
+    The next model's build (``_build_format``) resets dynamo and the CUDA-graph pools."""
     cfg = torch._dynamo.config
     old = cfg.recompile_limit
     cfg.recompile_limit = max(old, 2 * graphs)
@@ -860,7 +861,6 @@ def main(argv=None) -> dict:
                 _reset_compiled_state(device)
                 with _recompile_limit(len(models) * len(args.batches)):
                     _run_interleaved(models, key, m, args, budget, estimates, device, ["static"], save)
-                _reset_compiled_state(device)  # the CUDA-graph pools of this model's formats
             models.clear()
             _free(device)
             _amdahl(m)
