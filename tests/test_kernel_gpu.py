@@ -219,6 +219,75 @@ def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
     check(ys[0], x, wd, None, dtype, f"{kernel} split")
 
 
+# --- programmatic dependent launch (sm_90+): chains of dependent decode calls, eager and in a CUDA graph ----
+PDL_CHAIN = ["stream_n1r2", "ring_n1r1", "ring_n1r1sel", "tma_n1r1w4", "tma_n2r2w8"]
+
+
+def _square_weight(K: int, v: int, m: int, dtype, seed: int):
+    """A V:2:M (K x K) weight scaled so that y = x W^T keeps x's size (a chain of calls stays finite)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    w = (torch.randn(K, K, generator=gen, device=DEV) * (m / (2 * K)) ** 0.5).to(dtype)
+    p = vf.pack(w, f"{v}:2:{m}", mask=random_vnm_mask(K, K, v, m, gen))
+    return p, vf.unpack(p).double()
+
+
+@pytest.mark.parametrize("cfg", PDL_CHAIN)
+@pytest.mark.parametrize("split", ["off", "forced"])
+def test_pdl_dependent_chain(cfg, split, monkeypatch):
+    """Each call reads the previous call's output, so a kernel that touched its input before
+    griddepcontrol.wait would read NaN-poisoned or stale memory: every link is checked against float64 of
+    its actual input, eager and replayed from a graph, and bitwise equal to the same chain without PDL."""
+    if not ops.device_has_tma(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    share = 0.001 if split == "off" else 8.0
+    for name in ("STREAM_CTAS_PER_SM", "RING_CTAS_PER_SM", "TMA_CTAS_PER_SM"):
+        monkeypatch.setattr(ops, name, share)
+    if split == "forced":
+        monkeypatch.setattr(ops, "STREAM_PARTIAL_SHARE", 100.0)
+    K, v, m, dtype, T, links = 4096, 64, 8, torch.bfloat16, configs.BY_NAME[cfg].bn, 6
+    ws = [_square_weight(K, v, m, dtype, 50 + i) for i in range(links)]
+
+    def chain(x):
+        outs = [x]
+        for p, _ in ws:
+            outs.append(ops._spmm_cuda(outs[-1], p.values, p.columns, p.meta, None, v, m, K, config=cfg))
+        return outs
+
+    def check_chain(outs, what):
+        for i, (_, wd) in enumerate(ws):
+            check(outs[i + 1], outs[i], wd, None, dtype, f"{cfg} split {split} {what} link {i}")
+
+    x = torch.randn(T, K, device=DEV).to(dtype)
+    monkeypatch.setattr(ops, "PDL", False)
+    plain = chain(x)
+    monkeypatch.setattr(ops, "PDL", True)
+    poison()
+    eager = chain(x)
+    torch.cuda.synchronize()
+    plans = [pl for key, pl in ops._PLANS.items() if pl is not None and pl.cfg.name == cfg
+             and key[-3] == ops._tunables()]  # the plans made with PDL on
+    assert plans and all(pl.pdl is not None for pl in plans), "decode plans on sm_90+ launch with PDL"
+    check_chain(eager, "eager")
+    assert all(torch.equal(a, b) for a, b in zip(plain, eager)), "PDL changed a result"
+
+    xs = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(xs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = chain(xs)
+    for r in range(3):
+        xs.copy_(torch.randn(T, K, device=DEV).to(dtype))
+        for o in outs[1:]:
+            o.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        check_chain(outs, f"graph replay {r}")
+
+
 def test_prefill_uses_kt_kernel():
     for v in (32, 64, 128):
         cfg, kw, split, steps = ops.choose_config(2048, 4096, 512, v, 8, 132, 227 * 1024)
