@@ -69,24 +69,6 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-// Programmatic dependent launch (sm_90+; the host sets the launch attribute for the decode kernels, whose
-// calls are short enough that the gap between two kernels is a visible share of them). A grid so launched
-// may start while the kernel before it in the stream is still finishing: it may read only what that
-// kernel cannot write (the weights) before wait_prior_grids(), which returns once the earlier grids have
-// completed and their writes are visible. Without the attribute both are no-ops.
-__device__ __forceinline__ void wait_prior_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-// Lets the next PDL-launched grid start its weight prologue once every CTA of this one got here (it still
-// waits for this grid's completion before touching its input).
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 // 16-byte async copy global -> shared; bytes < 16 zero-fills the rest (bytes == 0: no read).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
@@ -1029,7 +1011,6 @@ __global__ void __launch_bounds__(WR * 32)
       if (b * UP + k < npairs) load_pair(f[k], b * UP + k);
   };
   load_batch(fa, 0);
-  wait_prior_grids();  // PDL: the first weight batch is in flight; x is written by the kernel before
 
   // ---- x chunk and column indices -> shared memory ---------------------------------------------
   {
@@ -1065,7 +1046,6 @@ __global__ void __launch_bounds__(WR * 32)
     if (b + 2 < nb) load_batch(fa, b + 2);
     compute_batch(fb, b + 1);
   }
-  allow_next_grid();
 
   // ---- epilogue ------------------------------------------------------------------------------------
   stream_epilogue<BF16, NT, RT>(p, acc, wrow, warp, WR, true, warp_ok, s_last);
@@ -1116,8 +1096,6 @@ __device__ __forceinline__ void stream_pair_mma_sel(float (&acc)[RT][1][4], cons
 //   one-launch scheme) is only used where the rows alone give too few CTAs, or the x chunk is too big.
 // * x is staged for the T real tokens only (lanes of token rows >= T read row T-1: mma columns are
 //   independent and those outputs are never written), so 1-token calls stage 1/8 of v4's chunk.
-// * Under programmatic dependent launch the first S-1 pairs are requested before wait_prior_grids() and x
-//   after it, so the weights' first round trip overlaps the end of the kernel before.
 // The mma part is stream_pair_mma, shared with v4.
 //
 // Grid: (ceil(Rp / (16*RT*RW)), nsplit); block RW*KS warps. Host requirements as v4.
@@ -1180,6 +1158,13 @@ __global__ void __launch_bounds__(RW * KS * 32)
   };
   const unsigned char* vals8 = reinterpret_cast<const unsigned char*>(p.values);
 
+  // ---- x chunk (TS token rows) and the row warps' column words: cp.async group 0 ----------------------
+  {
+    // TS <= T rows: no token check needed
+    stage_x_and_columns<true, false, NTH>(p, xs, XP, TS, XW >> 3, cs, RW, 16 * RT, m0, ngp, g_begin, g_end);
+    cp_async_commit_mem();
+  }
+
   // ---- weight ring: this lane's bytes of pair u -> stage st -----------------------------------------
   const long long vrow = (long long)(wrow + g) * p.Gp * 4;
   const long long vstep = 16LL * p.Gp * 4;
@@ -1204,15 +1189,8 @@ __global__ void __launch_bounds__(RW * KS * 32)
     if (j < np_w) issue_pair(ks + KS * j, j);
     cp_async_commit_mem();
   }
-  // PDL: the first S-1 pairs of weights are in flight; x is written by the kernel before this one.
-  wait_prior_grids();
-
-  // ---- x chunk (TS token rows) and the row warps' column words: the last cp.async group --------------
-  // TS <= T rows: no token check needed
-  stage_x_and_columns<true, false, NTH>(p, xs, XP, TS, XW >> 3, cs, RW, 16 * RT, m0, ngp, g_begin, g_end);
-  cp_async_commit_mem();
-  cp_async_wait_mem<0>();  // x, the column words and the first S-1 pairs have landed for this thread ...
-  __syncthreads();         // ... and for every thread
+  cp_async_wait_mem<S - 1>();  // group 0 (x, column words) has landed for this thread ...
+  __syncthreads();             // ... and for every thread
   if (SEL) {
     // once per CTA: the 4 selected columns of every staged group, per row warp and token, packed in pairs
     // (the 2 halves of one B register) and stored where the lane that uses them reads its k-step's B:
@@ -1267,7 +1245,6 @@ __global__ void __launch_bounds__(RW * KS * 32)
     }
   }
   cp_async_wait_mem<0>();
-  allow_next_grid();
 
   // ---- the KS partial sums of each row warp meet in shared memory (fixed order) ---------------------
   if (KS > 1) {
@@ -1320,8 +1297,6 @@ __global__ void __launch_bounds__(RW * KS * 32)
 // * x (T <= 8*NT token rows of the split's K range) and the column words are staged once per CTA with
 //   cp.async, as in v5; TMA boxes beyond the tensor (rows >= Rp, groups >= Gp) arrive zero-filled.
 // * Split-K: the one-launch scheme of v4 (partials + last-arriving CTA; stream_epilogue).
-// * Under programmatic dependent launch the barrier setup and the first S stages come before
-//   wait_prior_grids(), the x staging after it.
 // Grid: (ceil(Rp / BR), nsplit); block (WR + 1) warps. Host requirements: as v4, plus Gp % 16 == 0 (the
 // metadata rows are the tensor map's row stride, which TMA wants 16-byte aligned), steps_per_split a
 // multiple of 2*PP (whole stages per split), and the tensor maps of TmaParams made for these tensors.
@@ -1441,7 +1416,6 @@ __global__ void __launch_bounds__((WR + 1) * 32)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     for (int st = 0; st < min(S, nst); ++st) issue_stage(st);
   }
-  wait_prior_grids();  // PDL: the first S weight stages are in flight; x is written by the kernel before
 
   // ---- x chunk (TS token rows) and the consumer warps' column words (cp.async, every thread) ---------
   stage_x_and_columns<true, false, NTH>(p, xs, XP, TS, XW >> 3, cs, WR, 16 * RT, m0, ngp, g_begin, g_end);
@@ -1490,7 +1464,6 @@ __global__ void __launch_bounds__((WR + 1) * 32)
         if (st * PP + u < npairs) stream_pair_mma<BF16, NT, RT>(acc, f[u], cw, xr, M, st * PP + u, lane);
     }
   }
-  allow_next_grid();
 
   // ---- epilogue: as v4 (global split-K partials + last-arriving CTA); the producer warp only joins the
   // barriers

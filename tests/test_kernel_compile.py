@@ -190,24 +190,6 @@ def test_tma_params_layout():
     assert (t.p.T, t.p.nsplit) == (7, 3)
 
 
-def test_pdl_launch_config_layout():
-    """The ctypes mirrors of cuda.h's CUlaunchConfig and CUlaunchAttribute (cuLaunchKernelEx reads them):
-    7 unsigned ints, the stream at 32, the attribute list at 40, its count at 48; an attribute is its id, 4
-    bytes of padding and a 64-byte value union. The config points at the plan's own attribute."""
-    import ctypes
-
-    c, a = nvrtc._LaunchConfig, nvrtc._LaunchAttribute
-    assert (c.sharedMemBytes.offset, c.hStream.offset, c.attrs.offset, c.numAttrs.offset) == (24, 32, 40, 48)
-    assert ctypes.sizeof(c) == 56
-    assert (a.id.offset, a.value.offset, ctypes.sizeof(a)) == (0, 8, 72)
-    launch = nvrtc.PdlLaunch((3, 2, 1), (160, 1, 1), 70000)
-    cfg = launch.config
-    assert (cfg.gridDimX, cfg.gridDimY, cfg.blockDimX, cfg.sharedMemBytes, cfg.numAttrs) == (3, 2, 160, 70000, 1)
-    assert cfg.attrs == ctypes.addressof(launch.attr)
-    assert launch.attr.id == nvrtc.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION == 6
-    assert launch.attr.value == 1
-
-
 def test_wgmma_switch_off(monkeypatch):
     """VENOM_HF_WGMMA=0 turns the v8 kernel (and its layout memory) off whatever the device."""
     monkeypatch.setattr(ops, "_device_info", lambda idx: ("sm_90", 132, 227 * 1024))

@@ -10,9 +10,7 @@ in-memory cache of the CUBINs, and kernel launch with ``cuLaunchKernel``.
   synchronizes or allocates, so launches can be captured in CUDA graphs. ``Kernel.launch`` calls the
   driver's ``cuLaunchKernel`` through ctypes with a prebuilt argument array: a launch costs ~1-2 us of
   host time there, against ~10 us through cuda-python's argument marshalling (decode runs hundreds of
-  launches per token, so this is a visible share of an eager decode step). ``Kernel.launch_pdl`` uses
-  ``cuLaunchKernelEx`` with programmatic dependent launch allowed (sm_90+: the grid may start while the
-  previous kernel of the stream finishes; CUDA graph captures keep that edge).
+  launches per token, so this is a visible share of an eager decode step).
 
 Nothing in this module imports torch.
 """
@@ -25,7 +23,6 @@ import json
 import os
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 
 _LOCK = threading.RLock()
@@ -248,61 +245,6 @@ class Kernel:
         driver = self._driver
         _check_cu(driver, driver.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1], block[2],
                                                 smem, driver.CUstream(stream), args, 0), f"cuLaunchKernel({self.expr})")
-
-
-    def launch_pdl(self, pdl: "PdlLaunch", stream: int, args: int) -> None:
-        """Launch with programmatic dependent launch allowed (``pdl`` holds the grid, block and shared-memory
-        size; sm_90+ only). Falls back to ``launch`` where libcuda has no ``cuLaunchKernelEx`` or refuses
-        the attribute (then for every later call of the process, with one warning)."""
-        global _PDL_REFUSED
-        if pdl.smem > self._smem:
-            self.reserve_smem(pdl.smem)
-        raw = _raw_launch_ex() if not _PDL_REFUSED else None
-        if raw is not None:
-            pdl.config.hStream = stream
-            err = raw(ctypes.addressof(pdl.config), self.handle, args, None)
-            if not err:
-                return
-            _PDL_REFUSED = True
-            warnings.warn(f"venom_hf: cuLaunchKernelEx with programmatic dependent launch failed (CUresult {err}); "
-                          "launching without it from now on", RuntimeWarning, stacklevel=3)
-        self.launch(pdl.grid, pdl.block, pdl.smem, stream, args)
-
-
-class _LaunchAttribute(ctypes.Structure):
-    """cuda.h CUlaunchAttribute: the id, 4 bytes of padding, a 64-byte value union (here its first int)."""
-    _fields_ = [("id", ctypes.c_uint), ("_pad", ctypes.c_char * 4), ("value", ctypes.c_int),
-                ("_rest", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):
-    """cuda.h CUlaunchConfig."""
-    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
-                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
-                ("numAttrs", ctypes.c_uint)]
-
-
-CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-_PDL_REFUSED = False
-
-
-class PdlLaunch:
-    """The launch configuration of one kernel call shape with programmatic dependent launch allowed: the
-    grid may start while the previous kernel of the stream finishes (the kernel orders its reads with
-    ``griddepcontrol.wait``). Built once per launch plan; only the stream changes per call."""
-
-    __slots__ = ("grid", "block", "smem", "attr", "config")
-
-    def __init__(self, grid, block, smem: int):
-        self.grid, self.block, self.smem = tuple(grid), tuple(block), smem
-        self.attr = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        self.config = _LaunchConfig(*self.grid, *self.block, smem, None, ctypes.addressof(self.attr), 1)
-
-
-def _raw_launch_ex():
-    """libcuda's cuLaunchKernelEx through ctypes, or None."""
-    return _libcuda_fn("cuLaunchKernelEx", [ctypes.c_void_p] * 4)
 
 
 def kernel_args(param_struct) -> tuple[int, object]:

@@ -361,12 +361,6 @@ TMA_SMEM_CAP = 113 * 1024
 # cost: the descriptor fetch and the first TMA round trip).
 TMA_MIN_WEIGHTS = 48 * 2**20
 
-# Programmatic dependent launch of the decode kernels (sm_90+): a 1-16-token call lasts 5-25 us, and the
-# ~1 us between two kernels of a CUDA graph plus the weights' first round trip are a visible share of that;
-# with PDL the kernel requests its first weight tiles while the kernel before it finishes.
-# $VENOM_HF_PDL=0 turns it off (read at import; benchmarks flip ``PDL`` to compare).
-PDL = os.environ.get("VENOM_HF_PDL", "1").strip().lower() not in ("0", "false", "off", "no")
-
 
 def _tma_order(T: int) -> list:
     """TMA decode configs for a call, best first (used only on devices with TMA)."""
@@ -738,8 +732,6 @@ class SpmmPlan:
                 self.tp_args, self._tp_keep = _nvrtc.kernel_args(self.tp)
                 ld_in = self.xt_shape[1]
         self.main.reserve_smem(self.smem)
-        self.pdl = _nvrtc.PdlLaunch(self.grid, self.block, self.smem) if (
-            self.kind == "stream" and PDL and has_tma(arch)) else None
         p = _SpmmParams(0, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), bptr, 0, None,
                         ld_in, R, T, K, R, Rp, Gp, v, m, steps, split, None)
         if cfg.kernel == "wg":
@@ -788,10 +780,7 @@ class SpmmPlan:
                         counters = torch.zeros(self.row_ctas, dtype=torch.int32, device=self.device)
                         cnt = counters.data_ptr()
                     p.counters = cnt
-                if self.pdl is not None:
-                    self.main.launch_pdl(self.pdl, stream, self.p_args)
-                else:
-                    self.main.launch(self.grid, self.block, self.smem, stream, self.p_args)
+                self.main.launch(self.grid, self.block, self.smem, stream, self.p_args)
                 return y
             if self.kind == "wg":
                 self.wg.y = y.data_ptr()
@@ -924,7 +913,7 @@ def _tunables() -> tuple:
     return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
             STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K,
             KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM, WG_MIN_TOKENS,
-            WG_FIRST_MAX_M, WG_M16_MAX_ROWS, KT32_SMALL_MAX_K, KT32_SMALL_MAX_TOKENS, PDL)
+            WG_FIRST_MAX_M, WG_M16_MAX_ROWS, KT32_SMALL_MAX_K, KT32_SMALL_MAX_TOKENS)
 
 
 @torch.library.custom_op("venom::spmm", mutates_args=())
