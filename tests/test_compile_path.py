@@ -88,3 +88,44 @@ def test_loading_a_packed_checkpoint_fuses_projections(tmp_path):
 
     a, b = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_compiled_graph_takes_the_packed_weights_as_static_inputs(monkeypatch):
+    """Several models (or batch sizes) in one process compile the same forward again, as
+    venom_hf.bench.generate does with its formats: the fused groups' tensors must stay static, fixed-shape
+    inputs in the later graphs too (nn.Parameters: dynamo neither makes their sizes dynamic when a second
+    model's groups differ in shape nor treats them as per-call inputs), else an 8B model's later graphs take
+    ~200 of them as non-static CUDA-graph inputs. Only the step's own inputs may be non-static, as for the
+    dense model."""
+    from venom_hf.bench import generate as bench
+
+    models = []
+    for fmt in ("dense", "64:2:8", "64:2:16"):
+        model = bench.build_model("llama3-8b", True, torch.device("cpu"), torch.float32)
+        models.append(bench.apply_format(model, fmt))
+    group = models[1].model.layers[0].self_attn.q_proj._fused_group
+    assert all(isinstance(t, torch.nn.Parameter) for t in (group.values, group.columns, group.meta))
+    assert not any(t is group.values for t in models[1].parameters())  # registered on no module
+    # inductor's graph compiler is told which inputs are static; count the others per graph (tensors that
+    # CUDA-graph trees copy in at every replay, and the sizes of tensors that dynamo made dynamic)
+    import torch._inductor.compile_fx as compile_fx
+
+    counts: list = []
+    inner = compile_fx._compile_fx_inner
+
+    def counting_inner(gm, example_inputs, **kw):
+        counts.append(len(example_inputs) - len(set(kw.get("static_input_idxs", ()))))
+        return inner(gm, example_inputs, **kw)
+
+    monkeypatch.setattr(compile_fx, "_compile_fx_inner", counting_inner)
+    torch._dynamo.reset()
+    import torch._functorch.config as aot_config
+
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+            aot_config.patch(enable_autograd_cache=False):
+        for model, batch in [(m, 1) for m in models] + [(models[1], 2)]:
+            forward = torch.compile(model.forward, fullgraph=True)
+            forward(input_ids=torch.ones(batch, 1, dtype=torch.long), past_key_values=bench.new_static_cache(model, 16),
+                    cache_position=torch.tensor([3]), use_cache=True)
+    torch._dynamo.reset()
+    assert len(counts) == 4 and max(counts) <= 4, counts

@@ -433,6 +433,10 @@ FUSABLE_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
+def _group_tensor(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
 class _FusedProjections:
     """Owns the row-concatenated packed tensors of sibling ``VNMSparseLinear`` layers.
 
@@ -464,9 +468,15 @@ class _FusedProjections:
         rows = [m.weight_values.shape[0] for m in members]  # Rp of each member: whole V-row blocks
         self.row_offsets = [sum(rows[:i]) for i in range(len(rows))]
         self.rows = sum(rows)
-        self.values = torch.cat([m.weight_values for m in members])
-        self.columns = torch.cat([m.weight_columns for m in members])
-        self.meta = torch.cat([m.weight_meta for m in members])
+        # nn.Parameter, registered on no module (not in parameters() or the state dict): torch.compile keeps
+        # Parameters static, in address and in shape, wherever it meets them. Plain tensors reached through
+        # this object are so only in the first graph of a forward: when a second model (other group shapes)
+        # or batch size compiles it again, dynamo's automatic dynamic shapes make their sizes symbolic and
+        # CUDA-graph trees take them as non-static inputs, handled on the host at every replay (~200 on a
+        # Llama-3-8B step, with up to ~0.9 ms more GPU idle per step; docs/perf-notes.md).
+        self.values = _group_tensor(torch.cat([m.weight_values for m in members]))
+        self.columns = _group_tensor(torch.cat([m.weight_columns for m in members]))
+        self.meta = _group_tensor(torch.cat([m.weight_meta for m in members]))
         self.bias = None
         if any(m.bias is not None for m in members):
             parts = []
@@ -475,7 +485,7 @@ class _FusedProjections:
                 if m.bias is not None:
                     part[: m.out_features] = m.bias.detach().to(self.values.dtype)
                 parts.append(part)
-            self.bias = torch.cat(parts)
+            self.bias = _group_tensor(torch.cat(parts))
         v = self.spec.v
         for i, (m, off, r) in enumerate(zip(members, self.row_offsets, rows)):
             m.weight_values = nn.Parameter(self.values[off : off + r], requires_grad=False)
