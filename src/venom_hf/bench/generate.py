@@ -864,7 +864,6 @@ def main(argv=None) -> dict:
             models.clear()
             _free(device)
             _amdahl(m)
-            write_outputs(res, args.out, with_plot=False)
         write_outputs(res, args.out)
     md = write_outputs(res, args.out)
     _log(budget, f"done; files in {args.out}")

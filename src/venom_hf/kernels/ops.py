@@ -488,7 +488,7 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
     else:
         order = _prefill_order(T, v, m, Rp, Gp * m, num_sms)
         if KT_MIN_TOKENS <= T <= KT32_SMALL_MAX_TOKENS and Gp * m < KT32_SMALL_MAX_K:
-            order = [B["kt32x128"]] + order
+            order = [B["kt32x128"]] + [c for c in order if c is not B["kt32x128"]]
         elif wg and T >= WG_MIN_TOKENS and (m <= WG_FIRST_MAX_M or (m == 16 and Rp < WG_M16_MAX_ROWS)):
             order = _wg_order() + order
     order += [B["decode16"]]
