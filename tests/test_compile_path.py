@@ -129,3 +129,30 @@ def test_every_compiled_graph_takes_the_packed_weights_as_static_inputs(monkeypa
                     cache_position=torch.tensor([3]), use_cache=True)
     torch._dynamo.reset()
     assert len(counts) == 4 and max(counts) <= 4, counts
+
+
+def test_compiled_step_guards_only_what_the_kernels_read():
+    """The compiled graph re-checks its guards on the host at every call (every decode step): a fused
+    member's own weight views, which the fused path never reads, must not be among them, nor the spec
+    object that every layer shares (an identity guard in Python per layer and use)."""
+    from transformers import StaticCache
+
+    model = _tiny_packed("llama")
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model(torch.randint(0, 96, (1, 4)), past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
+        out = torch._dynamo.explain(model.forward)(torch.randint(0, 96, (1, 1)), past_key_values=cache,
+                                                     cache_position=torch.tensor([4]), use_cache=True)
+    torch._dynamo.reset()
+    assert out.graph_count == 1
+    names = [g.name for g in out.out_guards]
+    packed = [n for n in names if "_parameters['weight_" in n]
+    fused = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    assert packed and not any(f"['{f}']" in n for n in packed for f in fused), packed
+    # the unfused layers' tensors and the groups' tensors are guarded: 3 per SpMM (values, columns, meta)
+    layers = model.config.num_hidden_layers
+    assert len(packed) == 3 * 2 * layers
+    assert sum(n.endswith(("_fused_group.values", "_fused_group.columns", "_fused_group.meta")) for n in names) \
+        == 3 * 2 * layers
+    assert not any("_spec" in n for n in names)

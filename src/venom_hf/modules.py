@@ -63,7 +63,7 @@ def _is_meta(t: torch.Tensor | None) -> bool:
 
 
 # -- input checks and the eager launch fast path ---------------------------------------------------
-def _check_layer_input(x, weight: torch.Tensor, in_features: int, layer: str) -> None:
+def _check_layer_input(x, weight: torch.Tensor, in_features: int, layer) -> None:
     """nn.Linear's input checks with errors that name the layer (kernels.ops.check_input); under autocast
     the dtype is autocast's business, as for nn.Linear."""
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
@@ -233,7 +233,7 @@ class VNMMaskedLinear(nn.Linear):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_layer_input(x, self.weight, self.in_features, self._name_for_errors())
+        _check_layer_input(x, self.weight, self.in_features, self._name_for_errors)
         self._ensure_mask()
         mask = unpack_mask_bits(self.mask_bits, self.in_features)
         if mask.device != self.weight.device:
@@ -289,6 +289,7 @@ class VNMSparseLinear(nn.Module):
         if not spec.packable:
             raise VNMFormatError(f"VNMSparseLinear needs a V:2:M spec (mma.sp runs 2:4), got {spec}")
         self.in_features, self.out_features, self._spec = in_features, out_features, spec
+        self._vm = (spec.v, spec.m)
         shapes = packed_shapes(out_features, in_features, spec)
         dtype = dtype or torch.get_default_dtype()
         self.weight_values = nn.Parameter(torch.zeros(shapes["values"], dtype=dtype, device=device),
@@ -327,6 +328,16 @@ class VNMSparseLinear(nn.Module):
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
         group = getattr(self, "_fused_group", None)  # getattr: layers pickled before fusion existed
+        if group is not None and torch.compiler.is_compiling() and group._intact_at_trace():
+            # A trace reads the group's tensors only: every tensor, object and attribute it reads is a guard
+            # that the compiled graph checks on the host at every call (a fused member's own views are
+            # three tensor guards each, ~500 on a 32-layer model, for nothing).
+            _check_layer_input(x, group.values, self.in_features, self._name_for_errors)
+            if x.dtype != group.values.dtype:  # autocast: the kernel runs in the weight's dtype
+                x = x.to(group.values.dtype)
+            y = group.traced_output_for(self, x)
+            if y is not None:
+                return y
         params = self._parameters
         values, columns, meta, bias = params["weight_values"], params["weight_columns"], params["weight_meta"], \
             params.get("bias")
@@ -335,17 +346,19 @@ class VNMSparseLinear(nn.Module):
             y = _fast_spmm(self._plans, x, values, columns, meta, bias)
             if y is not None:
                 return y
-        _check_layer_input(x, values, self.in_features, self._name_for_errors())
+        _check_layer_input(x, values, self.in_features, self._name_for_errors)
         if x.dtype != values.dtype:  # autocast: the kernel runs in the weight's dtype
             x = x.to(values.dtype)
-        if group is not None:
-            y = group.traced_output_for(self, x) if torch.compiler.is_compiling() else group.output_for(self, x)
+        if group is not None and not torch.compiler.is_compiling():
+            y = group.output_for(self, x)
             if y is not None:
                 return y
+        # v and m as the layer's own ints, not through the spec object: the layers of a model share one spec,
+        # and an object reached from two modules costs the compiled graph an identity guard in Python per use
+        v, m = self._vm
         if fast:
-            _remember_plan(self._plans, x, values, columns, meta, bias, self._spec.v, self._spec.m,
-                           self.out_features)
-        return spmm(x, values, columns, meta, bias, self._spec.v, self._spec.m, self.out_features)
+            _remember_plan(self._plans, x, values, columns, meta, bias, v, m, self.out_features)
+        return spmm(x, values, columns, meta, bias, v, m, self.out_features)
 
     def _name_for_errors(self) -> str:
         name = getattr(self, "_vnm_name", None)
@@ -364,6 +377,11 @@ class VNMSparseLinear(nn.Module):
         state = dict(state)
         state.pop("_plan_cache", None)  # launch plans hold device pointers: never copied or pickled
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_vm" not in self.__dict__:  # layers pickled before the ints existed
+            self._vm = (self._spec.v, self._spec.m)
 
     def extra_repr(self) -> str:
         group = getattr(self, "_fused_group", None)
@@ -465,6 +483,7 @@ class _FusedProjections:
     def _build(self, members: list[VNMSparseLinear]) -> None:
         m0 = members[0]
         self.spec = m0.spec
+        self.vm = (self.spec.v, self.spec.m)  # ints for the trace (see VNMSparseLinear.forward)
         rows = [m.weight_values.shape[0] for m in members]  # Rp of each member: whole V-row blocks
         self.row_offsets = [sum(rows[:i]) for i in range(len(rows))]
         self.rows = sum(rows)
@@ -506,6 +525,11 @@ class _FusedProjections:
         state["_plans"] = {}  # launch plans hold device pointers and a lock: never copied or pickled
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "vm" not in state:  # groups pickled before the ints existed
+            self.vm = (self.spec.v, self.spec.m)
+
     @staticmethod
     def _pointers(m: VNMSparseLinear) -> tuple:
         p = m._parameters
@@ -531,9 +555,9 @@ class _FusedProjections:
             y = _fast_spmm(self._plans, x, self.values, self.columns, self.meta, self.bias)
             if y is not None:
                 return y
-            _remember_plan(self._plans, x, self.values, self.columns, self.meta, self.bias, self.spec.v,
-                           self.spec.m, self.rows)
-        return spmm(x, self.values, self.columns, self.meta, self.bias, self.spec.v, self.spec.m, self.rows)
+            _remember_plan(self._plans, x, self.values, self.columns, self.meta, self.bias, *self.vm, self.rows)
+        v, m = self.vm
+        return spmm(x, self.values, self.columns, self.meta, self.bias, v, m, self.rows)
 
     def output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
         if self._x is not x or self._x_version != x._version:

@@ -31,7 +31,7 @@ import math
 import os
 import threading
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -885,28 +885,33 @@ def _spmm_cuda(x, values, columns, meta, bias, v, m, out_features, config: str |
 
 
 # --------------------------------------------------------------------------------------------- input checks
-def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, layer: str,
+def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, layer: "str | Callable[[], str]",
                 match_dtype: bool = True) -> None:
     """The checks ``nn.Linear`` makes, with messages that name the layer and the numbers; the same on every
     device. ``in_features`` None: only a bare ``spmm`` call, which checks the padded width itself.
-    ``match_dtype`` False (autocast): any floating dtype."""
+    ``match_dtype`` False (autocast): any floating dtype. ``layer`` may be a callable giving the name, called
+    only for a message: under torch.compile, every module attribute a trace reads becomes a guard that is
+    checked at every call of the compiled graph."""
+    def name() -> str:
+        return layer() if callable(layer) else layer
+
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{layer}: the input must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name()}: the input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
-        raise ValueError(f"{layer}: the input must have at least one dimension (its features), got a 0-d tensor")
+        raise ValueError(f"{name()}: the input must have at least one dimension (its features), got a 0-d tensor")
     width = x.shape[-1]
     if in_features is not None:
         if width != in_features:
-            raise ValueError(f"{layer}: the input's last dimension is {width}, the layer takes in_features="
+            raise ValueError(f"{name()}: the input's last dimension is {width}, the layer takes in_features="
                              f"{in_features} (input shape {tuple(x.shape)})")
     if not x.is_floating_point():
-        raise TypeError(f"{layer}: the input has dtype {x.dtype}; a floating-point input is needed (the weight is "
+        raise TypeError(f"{name()}: the input has dtype {x.dtype}; a floating-point input is needed (the weight is "
                         f"{weight.dtype})")
     if match_dtype and x.dtype != weight.dtype:
-        raise TypeError(f"{layer}: the input has dtype {x.dtype}, the weight {weight.dtype}; cast one of them "
+        raise TypeError(f"{name()}: the input has dtype {x.dtype}, the weight {weight.dtype}; cast one of them "
                         f"(x.to({weight.dtype}) or model.to({x.dtype})), as nn.Linear needs")
     if x.device != weight.device:
-        raise ValueError(f"{layer}: the input is on {x.device}, the weight on {weight.device}")
+        raise ValueError(f"{name()}: the input is on {x.device}, the weight on {weight.device}")
 
 
 def _tunables() -> tuple:
