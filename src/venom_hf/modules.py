@@ -328,27 +328,27 @@ class VNMSparseLinear(nn.Module):
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
         group = getattr(self, "_fused_group", None)  # getattr: layers pickled before fusion existed
-        if group is not None and torch.compiler.is_compiling() and group._intact_at_trace():
-            # A trace reads the group's tensors only: every tensor, object and attribute it reads is a guard
-            # that the compiled graph checks on the host at every call (a fused member's own views are
-            # three tensor guards each, ~500 on a 32-layer model, for nothing).
-            _check_layer_input(x, group.values, self.in_features, self._name_for_errors)
-            if x.dtype != group.values.dtype:  # autocast: the kernel runs in the weight's dtype
-                x = x.to(group.values.dtype)
-            y = group.traced_output_for(self, x)
-            if y is not None:
-                return y
-        params = self._parameters
-        values, columns, meta, bias = params["weight_values"], params["weight_columns"], params["weight_meta"], \
-            params.get("bias")
-        fast = _eager_fast_path_allowed(x)
-        if fast and group is None:
-            y = _fast_spmm(self._plans, x, values, columns, meta, bias)
-            if y is not None:
-                return y
-        _check_layer_input(x, values, self.in_features, self._name_for_errors)
-        if x.dtype != values.dtype:  # autocast: the kernel runs in the weight's dtype
-            x = x.to(values.dtype)
+        # Traced through an intact group, the layer reads the group's tensors only: every tensor, object and
+        # attribute a trace reads is a guard that the compiled graph checks on the host at every call (a
+        # fused member's own views are three tensor guards each, ~500 on a 32-layer model, for nothing).
+        traced_group = group is not None and torch.compiler.is_compiling() and group._intact_at_trace()
+        if traced_group:
+            weight = group.values
+        else:
+            params = self._parameters
+            values, columns, meta, bias = params["weight_values"], params["weight_columns"], params["weight_meta"], \
+                params.get("bias")
+            fast = _eager_fast_path_allowed(x)
+            if fast and group is None:
+                y = _fast_spmm(self._plans, x, values, columns, meta, bias)
+                if y is not None:
+                    return y
+            weight = values
+        _check_layer_input(x, weight, self.in_features, self._name_for_errors)
+        if x.dtype != weight.dtype:  # autocast: the kernel runs in the weight's dtype
+            x = x.to(weight.dtype)
+        if traced_group:
+            return group.traced_output_for(self, x)
         if group is not None and not torch.compiler.is_compiling():
             y = group.output_for(self, x)
             if y is not None:
@@ -583,14 +583,13 @@ class _FusedProjections:
     def _intact_at_trace(self) -> bool:
         return self.intact()
 
-    def traced_output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
+    def traced_output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor:
         """The fused path while dynamo traces (``torch.compile``): inductor does not merge repeated custom-op
         calls, so the trace itself must call the SpMM once per input. Within one traced graph the same
         input is the same traced value, so identity is the whole check (the version counter and pointers
         of the eager path do not exist there). Whether the members still live in the fused storage is
-        decided once, when the graph is traced (moved and not yet re-fused by an eager call: unfused)."""
-        if not self._intact_at_trace():
-            return None
+        decided by the caller, once, when the graph is traced (``_intact_at_trace``: moved and not yet
+        re-fused by an eager call, the members trace unfused)."""
         if self._traced_x is not x:
             self._traced_y = self._spmm_all(x)
             self._traced_x, self._traced_served = x, 0
