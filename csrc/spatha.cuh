@@ -1471,6 +1471,300 @@ __global__ void __launch_bounds__((WR + 1) * 32)
 #endif
 }
 
+// =============================================================================================
+// v9 decode path (<= 16 tokens, sm_90+): spatha_spmm_tsk -- the v7 TMA ring in persistent CTAs that split
+// the whole weight stream evenly ("stream-K").
+//
+// Why (docs/perf-notes.md, v9): ncu of v7 on the Llama-3-8B layers at 1 token shows the HBM at 48-64 % of
+// its peak and every SM idle for 14-17 % of the kernel: each CTA pays its own start (barrier set-up,
+// x and column staging, the first TMA round trip) and its own drain (the split-K epilogue), and 224-256
+// CTAs of fixed size fall unevenly on 132 SMs. Here a grid of G CTAs (1-2 per SM) streams the
+// units (row tile of BR rows, ring stage of PP pairs) of the whole weight in row-tile-major order, CTA c
+// the units [c*U/G, (c+1)*U/G): every CTA moves the same bytes, the ring runs on across tile boundaries
+// and the start is paid once per CTA.
+// * Ring stage = values [PP][BR][64 B] and meta [BR][16*PP B] (as v7) plus the column words of the
+//   tile's V-blocks [CR][16*PP words] (a third tensor map over columns (Rb, Gp*4) bytes, CR = max(1, BR/V)
+//   box rows): the column words stream with the weight, so no per-tile staging. A consumer lane copies
+//   its values, metadata and 2 x 16 bytes of column words per pair into registers, then releases the
+//   stage (mbarrier arrive) and runs the gather + mma.sp of v4.
+// * x (T <= 8*NT token rows, the whole K) is staged once per CTA with cp.async.
+// * A tile whose units all lie in one CTA is written straight from the registers (+ bias). A tile shared
+//   by contributors c_first..c_last: each writes its fp32 partials (fragment order) into its slot (its
+//   first tile: slot 0, its last: slot 1; no CTA has more than these two shared tiles), the last to
+//   arrive (atomic counter per tile) sums the slots in contributor order (deterministic), adds the bias,
+//   writes y and resets the counter. Only the consumer warps synchronize here (named barrier 1), so the
+//   producer keeps the ring filling across the flush.
+// Grid: (G, 1, 1), G <= U; block (WR + 1) warps. Host requirements: as v7 (Gp % 16 == 0), V % (16*RT) ==
+// 0 and (V % BR == 0 or BR % V == 0) (a tile's V-blocks are whole box rows); ws: 2*G*BR*8*NT floats;
+// counters: ceil(Rp / BR) zeroed ints.
+// Dynamic shared memory (bytes): S*STAGE + TS*(Gp*M + 8)*2, STAGE = PP*BR*64 + BR*16*PP + WR*64*PP.
+// Below sm_90 the kernel is compiled empty and never dispatched.
+// =============================================================================================
+struct TskParams {
+  TmaDesc values;   // as TmaParams
+  TmaDesc meta;
+  TmaDesc columns;  // UINT8, dims {Gp*4, Rb}, box {64*PP, CR}
+  SpmmParams p;
+};
+// the host mirror (venom_hf.kernels.ops._TskParams) assumes these offsets
+static_assert(sizeof(TskParams) == 384 + (sizeof(SpmmParams) + 63) / 64 * 64, "TskParams layout");
+
+// One pair of the stream-K kernel: stream_pair_mma with the pair's column words in registers (cl: words
+// 4h..4h+3 of the pair's 16 groups, ch: words 8+4h..8+4h+3, the only ones this lane's B slots read) and
+// the groups counted from the start of K (ap: the pair's index in K).
+template <bool BF16, int NT, int RT>
+__device__ __forceinline__ void tsk_pair_mma(float (&acc)[RT][NT][4], const StreamFrag (&f)[RT], uint4 cl, uint4 ch,
+                                             const unsigned short* const (&xr)[NT], int M, int ap, int lane) {
+  const int tig = lane & 3;
+  const int h = tig >> 1;
+  const int csh = 16 * (tig & 1);
+  unsigned e[RT];
+  stream_pair_meta<RT>(f, lane, e);
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    // the slots of stream_pair_mma: groups 4h+2s, 8+4h+2s, 4h+1+2s, 9+4h+2s of the pair
+    const int gl[4] = {16 * ap + 4 * h + 2 * s, 16 * ap + 8 + 4 * h + 2 * s, 16 * ap + 4 * h + 1 + 2 * s,
+                       16 * ap + 9 + 4 * h + 2 * s};
+    const unsigned cwq[4] = {s ? cl.z : cl.x, s ? ch.z : ch.x, s ? cl.w : cl.y, s ? ch.w : ch.y};
+    int o0[4], o1[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const unsigned c = cwq[q] >> csh;
+      o0[q] = gl[q] * M + (c & 0xFF);
+      o1[q] = gl[q] * M + ((c >> 8) & 0xFF);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      unsigned b[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        b[q] = static_cast<unsigned>(xr[j][o0[q]]) | (static_cast<unsigned>(xr[j][o1[q]]) << 16);
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+        if (s == 0) {
+          const unsigned a[4] = {f[i].v0.x, f[i].v1.x, f[i].v0.y, f[i].v1.y};
+          mma_sp_16832<BF16, 0>(acc[i][j], a, b, e[i]);
+        } else {
+          const unsigned a[4] = {f[i].v0.z, f[i].v1.z, f[i].v0.w, f[i].v1.w};
+          mma_sp_16832<BF16, 1>(acc[i][j], a, b, e[i]);
+        }
+      }
+    }
+  }
+}
+
+template <int NTH>
+__device__ __forceinline__ void named_barrier_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(NTH) : "memory");
+}
+
+template <bool BF16, int NT, int RT, int WR, int PP, int S>
+__global__ void __launch_bounds__((WR + 1) * 32)
+    spatha_spmm_tsk(const __grid_constant__ TskParams tp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int NTH = (WR + 1) * 32;
+  constexpr int BR = 16 * RT * WR;
+  constexpr int VB = BR * 64;                         // one pair's values box
+  constexpr int MB = BR * 16 * PP;                    // the stage's metadata box
+  constexpr int CB = WR * 64 * PP;                    // room for the column box (at most WR V-blocks)
+  constexpr int STAGE = (PP * VB + MB + CB + 127) / 128 * 128;
+  constexpr int FRAG = RT * NT * 4 * 32;              // partial floats per consumer warp and tile
+  static_assert(NT >= 1 && NT <= 2 && RT >= 1 && WR >= 1 && PP >= 1 && PP <= 4 && S >= 2, "tsk config");
+  static_assert(BR <= 256 && 16 * PP <= 256, "TMA boxes are at most 256 per dimension");
+  const SpmmParams& p = tp.p;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ __align__(8) unsigned long long full[S];
+  __shared__ __align__(8) unsigned long long empty[S];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const bool producer = warp == WR;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int h = tig >> 1;
+  const int pp = tig & 1;
+
+  const int M = p.M;
+  const int npairs = p.Gp >> 4;
+  const int nst = (npairs + PP - 1) / PP;  // ring stages per row tile
+  const int ntiles = (p.Rp + BR - 1) / BR;
+  const long long U = (long long)ntiles * nst;
+  const long long G = gridDim.x;
+  const long long u0 = (long long)blockIdx.x * U / G;
+  const long long u1 = ((long long)blockIdx.x + 1) * U / G;
+  const int n = static_cast<int>(u1 - u0);
+  const int cr = p.V >= BR ? 1 : BR / p.V;  // column box rows: the tile's V-blocks
+  const int XP = p.Gp * M + 8;
+  const int TS = min(p.T, 8 * NT);
+
+  unsigned char* ring = smem_raw;                                                // [S][STAGE]
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem_raw + S * STAGE);  // [TS][XP]
+
+  auto issue_stage = [&](int i) {
+    const long long u = u0 + i;
+    const int t = static_cast<int>(u / nst);
+    const int st = static_cast<int>(u - (long long)t * nst);
+    const int m0 = t * BR;
+    unsigned char* base = ring + (i % S) * STAGE;
+    const int nv = min(PP, npairs - st * PP);
+    mbar_expect_tx(&full[i % S], nv * VB + MB + cr * 64 * PP);
+    for (int j = 0; j < nv; ++j)
+      tma_load_2d(base + j * VB, &tp.values, 2 * 16 * (st * PP + j), m0, &full[i % S]);
+    tma_load_2d(base + PP * VB, &tp.meta, 16 * PP * st, m0, &full[i % S]);
+    tma_load_2d(base + PP * VB + MB, &tp.columns, 64 * PP * st, m0 / p.V, &full[i % S]);
+  };
+  if (producer && lane == 0) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&tp.values)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&tp.meta)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&tp.columns)) : "memory");
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      mbar_init(&full[i], 1);
+      mbar_init(&empty[i], WR * 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int i = 0; i < min(S, n); ++i) issue_stage(i);
+  }
+
+  // ---- x (TS token rows, the whole K) -> shared memory, once per CTA ---------------------------------
+  stage_x_and_columns<true, false, NTH>(p, xs, XP, TS, (XP - 8) >> 3, nullptr, 0, 0, 0, p.Gp, 0, p.Gp);
+  cp_async_commit_mem();
+  cp_async_wait_mem<0>();
+  __syncthreads();
+
+  if (producer) {
+    if (lane == 0) {
+      for (int i = S; i < n; ++i) {
+        mbar_wait(&empty[i % S], ((i / S) - 1) & 1);  // every consumer lane has read the stage's last use
+        issue_stage(i);
+      }
+    }
+    return;  // the consumers alone take part in the flushes below (named barrier 1)
+  }
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+
+  const unsigned short* xr[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xr[j] = xs + min(j * 8 + g, TS - 1) * XP;
+  const int lrow = warp * 16 * RT + g;                        // this lane's row g in the stage's boxes
+  const int vbw = p.V >= BR ? 0 : (warp * 16 * RT) / p.V;     // this warp's V-block among the box rows
+  const int first_tile = static_cast<int>(u0 / nst);
+  const unsigned short* bias16 = reinterpret_cast<const unsigned short*>(p.bias);
+  unsigned short* y16 = reinterpret_cast<unsigned short*>(p.y);
+  // contributor (CTA) of unit u: the largest c with floor(c*U/G) <= u
+  auto owner = [&](long long u) { return static_cast<int>(((u + 1) * G - 1) / U); };
+
+  auto write_out = [&](int wrow) {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = wrow + i * 16 + g + 8 * hh;
+        if (row >= p.R) continue;
+        const float bv = p.bias ? to_float(bias16[row], BF16) : 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk) {
+            const int t = j * 8 + 2 * tig + kk;
+            if (t < p.T) y16[(long long)t * p.ldy + row] = from_float<BF16>(acc[i][j][hh * 2 + kk] + bv);
+          }
+      }
+  };
+  // The tile's result: straight out when this CTA holds all its units, else the partials protocol above.
+  auto flush = [&](int t) {
+    const int wrow = t * BR + warp * 16 * RT;
+    const int c_first = owner((long long)t * nst);
+    const int c_last = owner((long long)(t + 1) * nst - 1);
+    if (c_first == c_last) {
+      write_out(wrow);
+    } else {
+      const int slot = t == first_tile ? 0 : 1;
+      float* mine = p.ws + ((2LL * blockIdx.x + slot) * WR + warp) * FRAG;
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) mine[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
+      __threadfence();
+      named_barrier_sync<WR * 32>();
+      if (tid == 0) s_last = atomicAdd(p.counters + t, 1) == c_last - c_first;
+      named_barrier_sync<WR * 32>();
+      if (s_last) {
+        __threadfence();
+#pragma unroll
+        for (int i = 0; i < RT; ++i)
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+        for (int c = c_first; c <= c_last; ++c) {
+          const int cslot = t == static_cast<int>(((long long)c * U / G) / nst) ? 0 : 1;
+          const float* src = p.ws + ((2LL * c + cslot) * WR + warp) * FRAG;
+#pragma unroll
+          for (int i = 0; i < RT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
+        }
+        write_out(wrow);
+        if (tid == 0) p.counters[t] = 0;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+  };
+
+  int t = first_tile;
+  int st = static_cast<int>(u0 - (long long)t * nst);
+  for (int i = 0; i < n; ++i) {
+    mbar_wait(&full[i % S], (i / S) & 1);
+    const unsigned char* base = ring + (i % S) * STAGE;
+    const unsigned* cwb = reinterpret_cast<const unsigned*>(base + PP * VB + MB) + vbw * 16 * PP;
+    StreamFrag f[PP][RT];
+    uint4 cl[PP], ch[PP];
+#pragma unroll
+    for (int u = 0; u < PP; ++u) {
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const unsigned char* vb = base + u * VB + (lrow + 16 * r) * 64 + tig * 16;
+        f[u][r].v0 = *reinterpret_cast<const uint4*>(vb);
+        f[u][r].v1 = *reinterpret_cast<const uint4*>(vb + 8 * 64);
+        f[u][r].meta =
+            *reinterpret_cast<const uint2*>(base + PP * VB + (lrow + 16 * r + 8 * h) * 16 * PP + 16 * u + 8 * pp);
+      }
+      cl[u] = *reinterpret_cast<const uint4*>(cwb + 16 * u + 4 * h);
+      ch[u] = *reinterpret_cast<const uint4*>(cwb + 16 * u + 8 + 4 * h);
+    }
+    mbar_arrive(&empty[i % S]);  // the stage's bytes are in registers: the producer may refill it
+#pragma unroll
+    for (int u = 0; u < PP; ++u)
+      if (st * PP + u < npairs) tsk_pair_mma<BF16, NT, RT>(acc, f[u], cl[u], ch[u], xr, M, st * PP + u, lane);
+    if (++st == nst || i == n - 1) {  // the end of a tile, or of this CTA's units
+      flush(t);
+      ++t;
+      st = 0;
+    }
+  }
+#endif
+}
+
 // Sum the split-K partials, add the bias, convert. One thread per output element.
 template <bool BF16>
 __global__ void __launch_bounds__(256) spatha_splitk_reduce(const ReduceParams p) {
