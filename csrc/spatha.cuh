@@ -1492,8 +1492,9 @@ __global__ void __launch_bounds__((WR + 1) * 32)
 //   by contributors c_first..c_last: each writes its fp32 partials (fragment order) into its slot (its
 //   first tile: slot 0, its last: slot 1; no CTA has more than these two shared tiles), the last to
 //   arrive (atomic counter per tile) sums the slots in contributor order (deterministic), adds the bias,
-//   writes y and resets the counter. Only the consumer warps synchronize here (named barrier 1), so the
-//   producer keeps the ring filling across the flush.
+//   writes y and resets the counter. A tile's partials are stored when its last unit is done, with no fence
+//   or barrier there (the ring keeps draining); the fence, the arrivals and the reductions wait for the
+//   end of the CTA's units, and only the consumer warps take part (named barrier 1).
 // Grid: (G, 1, 1), G <= U; block (WR + 1) warps. Host requirements: as v7 (Gp % 16 == 0), V % (16*RT) ==
 // 0 and (V % BR == 0 or BR % V == 0) (a tile's V-blocks are whole box rows); ws: 2*G*BR*8*NT floats;
 // counters: ceil(Rp / BR) zeroed ints.
@@ -1681,15 +1682,27 @@ __global__ void __launch_bounds__((WR + 1) * 32)
           }
       }
   };
-  // The tile's result: straight out when this CTA holds all its units, else the partials protocol above.
+  auto zero_acc = [&]() {
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+  };
+  // The end of a tile in this CTA: straight out (+ bias) when this CTA holds all its units; else the
+  // partials into the tile's slot, with no fence or barrier here, so the ring keeps draining: the
+  // arrivals and reductions of the (at most two) shared tiles wait for the end of the CTA's units.
+  int shared0 = -1, shared1 = -1;  // this CTA's shared tiles: its first (slot 0) and its last (slot 1)
   auto flush = [&](int t) {
-    const int wrow = t * BR + warp * 16 * RT;
-    const int c_first = owner((long long)t * nst);
-    const int c_last = owner((long long)(t + 1) * nst - 1);
-    if (c_first == c_last) {
-      write_out(wrow);
+    if (owner((long long)t * nst) == owner((long long)(t + 1) * nst - 1)) {
+      write_out(t * BR + warp * 16 * RT);
     } else {
       const int slot = t == first_tile ? 0 : 1;
+      if (slot == 0)
+        shared0 = t;
+      else
+        shared1 = t;
       float* mine = p.ws + ((2LL * blockIdx.x + slot) * WR + warp) * FRAG;
 #pragma unroll
       for (int i = 0; i < RT; ++i)
@@ -1697,38 +1710,8 @@ __global__ void __launch_bounds__((WR + 1) * 32)
         for (int j = 0; j < NT; ++j)
 #pragma unroll
           for (int k = 0; k < 4; ++k) mine[((i * NT + j) * 4 + k) * 32 + lane] = acc[i][j][k];
-      __threadfence();
-      named_barrier_sync<WR * 32>();
-      if (tid == 0) s_last = atomicAdd(p.counters + t, 1) == c_last - c_first;
-      named_barrier_sync<WR * 32>();
-      if (s_last) {
-        __threadfence();
-#pragma unroll
-        for (int i = 0; i < RT; ++i)
-#pragma unroll
-          for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
-        for (int c = c_first; c <= c_last; ++c) {
-          const int cslot = t == static_cast<int>(((long long)c * U / G) / nst) ? 0 : 1;
-          const float* src = p.ws + ((2LL * c + cslot) * WR + warp) * FRAG;
-#pragma unroll
-          for (int i = 0; i < RT; ++i)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-              for (int k = 0; k < 4; ++k) acc[i][j][k] += __ldcg(src + ((i * NT + j) * 4 + k) * 32 + lane);
-        }
-        write_out(wrow);
-        if (tid == 0) p.counters[t] = 0;
-      }
     }
-#pragma unroll
-    for (int i = 0; i < RT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
+    zero_acc();
   };
 
   int t = first_tile;
@@ -1761,6 +1744,49 @@ __global__ void __launch_bounds__((WR + 1) * 32)
       ++t;
       st = 0;
     }
+  }
+
+  // ---- the shared tiles: arrive (after a fence: the partials are visible first); the last contributor of
+  // a tile sums every contributor's slot in contributor order (deterministic), adds the bias, writes y
+  // and resets the tile's counter
+  if (shared0 < 0 && shared1 < 0) return;
+  __threadfence();
+  named_barrier_sync<WR * 32>();
+  if (tid == 0) {
+    int last = 0;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int tt = k ? shared1 : shared0;
+      if (tt >= 0) {
+        const int ncontrib = owner((long long)(tt + 1) * nst - 1) - owner((long long)tt * nst) + 1;
+        last |= (atomicAdd(p.counters + tt, 1) == ncontrib - 1) << k;
+      }
+    }
+    s_last = last;
+  }
+  named_barrier_sync<WR * 32>();
+  const int last = s_last;
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int tt = k ? shared1 : shared0;
+    if (!((last >> k) & 1)) continue;
+    const int c_first = owner((long long)tt * nst);
+    const int c_last = owner((long long)(tt + 1) * nst - 1);
+    for (int c = c_first; c <= c_last; ++c) {
+      const int cslot = tt == static_cast<int>(((long long)c * U / G) / nst) ? 0 : 1;
+      const float* src = p.ws + ((2LL * c + cslot) * WR + warp) * FRAG;
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) acc[i][j][kk] += __ldcg(src + ((i * NT + j) * 4 + kk) * 32 + lane);
+    }
+    write_out(tt * BR + warp * 16 * RT);
+    zero_acc();
+    if (tid == 0) p.counters[tt] = 0;
   }
 #endif
 }

@@ -162,6 +162,8 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("tsk_n1r1w4", 16, 8, 4, 1, 8, "tsk", 2, pairs_per_stage=2),
     TileConfig("tsk_n1r2w8", 32, 8, 8, 1, 6, "tsk", 2, pairs_per_stage=1),
     TileConfig("tsk_n2r2w4", 32, 16, 4, 1, 4, "tsk", 2, pairs_per_stage=2),
+    TileConfig("tsk_n1r2w4s3", 32, 8, 4, 1, 3, "tsk", 2, pairs_per_stage=2),
+    TileConfig("tsk_n1r1w4s4", 16, 8, 4, 1, 4, "tsk", 2, pairs_per_stage=2),
     # v8 prefill (sm_90a: sparse wgmma, the weight as 2:4 over the full K, x tiles by TMA): wg256x<BN>s<S>
     TileConfig("wg256x128s3", 64, 128, 4, 1, 3, "wg", 1),
     TileConfig("wg256x128s4", 64, 128, 4, 1, 4, "wg", 1),
