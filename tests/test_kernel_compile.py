@@ -3,8 +3,6 @@ custom op's CPU path / fake implementation behave. Skipped when cuda-python / NV
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -141,31 +139,6 @@ def test_tma_dispatch_rules():
                 assert split * steps >= nsteps > (split - 1) * steps
                 assert c.smem_bytes(m, 2, steps, T) <= ops.TMA_SMEM_CAP and c.threads == 32 * (c.warps_m + 1)
                 assert 16 * c.rt * c.warps_m <= 256  # the TMA box height
-
-
-def test_tsk_dispatch_rules():
-    """v9 stream-K TMA decode kernel: only where the device has TMA, never with metadata rows that are not
-    16-byte aligned or with tiles that cut a V-block, x of the whole K plus the ring within its shared-memory
-    cap; a grid of min(units, TSK_CTAS_PER_SM x SMs) persistent CTAs that each stage all of K."""
-    tsk_names = [c.name for c in configs.CONFIGS if c.kernel == "tsk"]
-    assert tsk_names
-    for T in (1, 3, 8, 9, 16):
-        for R, K, v, m in ((28672, 4096, 64, 8), (4096, 14336, 64, 8), (4096, 4096, 64, 16), (1000, 4096, 32, 16),
-                           (2048, 640, 64, 8), (4096, 1000, 128, 4), (576, 576, 64, 8), (4096, 4096, 96, 8)):
-            p = vf.packed_shapes(R, K, f"{v}:2:{m}")["values"]
-            Rp, Gp = p[0], p[1]
-            for name in tsk_names:
-                c = configs.BY_NAME[name]
-                assert ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, name)[0].name != name  # no TMA
-                got, kw, ctas, steps = ops.choose_config(T, Rp, Gp, v, m, 132, 227 * 1024, name, tma=True)
-                runs = (T <= c.bn and v % c.wm == 0 and Gp % 16 == 0 and (v % c.bm == 0 or c.bm % v == 0)
-                        and c.smem_bytes(m, 2, Gp // 8, T) <= ops.TSK_SMEM_CAP)
-                assert (got.name == name) == runs, (name, T, R, K, v, m)
-                if runs:
-                    units = math.ceil(Rp / c.bm) * math.ceil(Gp // 16 / c.pairs_per_stage)
-                    assert kw == 2 and steps == Gp // 8
-                    assert ctas == max(1, min(units, round(ops.TSK_CTAS_PER_SM * 132)))
-                    assert c.threads == 32 * (c.warps_m + 1) and c.bm <= 256 and 64 * c.pairs_per_stage <= 256
 
 
 

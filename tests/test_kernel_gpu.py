@@ -148,8 +148,7 @@ def test_every_config(cfg, dtype):
         run_case(R, K, v, m, dtype, T, bias=True, config=cfg)
 
 
-# --- v4 stream / v5 ring / v7 tma / v9 tsk kernels (decode): every config, K split off and on (tsk: one CTA,
-# one per SM, more CTAs than tiles' stages allow), odd shapes, every V / M -
+# --- v4 stream / v5 ring / v7 tma kernels (decode): every config, K split off and on, odd shapes, every V / M -
 STREAM = [c.name for c in configs.CONFIGS if c.decode]
 
 
@@ -160,7 +159,6 @@ def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
     monkeypatch.setattr(ops, "STREAM_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(ops, "RING_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(ops, "TMA_CTAS_PER_SM", ctas_per_sm)
-    monkeypatch.setattr(ops, "TSK_CTAS_PER_SM", ctas_per_sm)
     monkeypatch.setattr(ops, "STREAM_PARTIAL_SHARE", 100.0 if ctas_per_sm > 2 else ops.STREAM_PARTIAL_SHARE)
     c = configs.BY_NAME[cfg]
     cases = [(4096, 4096, 64, 8), (1536, 576, 64, 16), (200, 264, 32, 4), (136, 520, 128, 32), (4096, 11008, 128, 8),
@@ -175,8 +173,6 @@ def test_stream_kernel(cfg, dtype, ctas_per_sm, monkeypatch):
             if chosen.name != cfg:  # the documented fallbacks
                 if c.kernel == "tma":  # metadata rows not 16-byte aligned, or one stage does not fit
                     assert Gp % 16 or c.smem_bytes(m, 2, 2 * c.pairs_per_stage, T) > ops.TMA_SMEM_CAP
-                elif c.kernel == "tsk":  # as tma, or x of the whole K and the ring do not fit
-                    assert Gp % 16 or c.smem_bytes(m, 2, Gp // 8, T) > ops.TSK_SMEM_CAP
                 else:  # one pair's x chunk + the ring do not fit
                     assert c.smem_bytes(m, 2, 2, T) > ops.STREAM_SMEM_CAP
                 continue
@@ -203,15 +199,14 @@ def _read_words(addr: int, n: int) -> list[int]:
     return list(buf)
 
 
-@pytest.mark.parametrize("kernel", ["stream", "ring", "tma", "tsk"])
+@pytest.mark.parametrize("kernel", ["stream", "ring", "tma"])
 def test_stream_split_deterministic_and_counters_reset(kernel, monkeypatch):
-    """The one-launch global split-K (v4 always, v5 on small layers, v7 where rows are few, v9's tiles shared
-    by CTAs): bitwise the same result every call, whoever arrives last, and every arrival counter back at
-    zero."""
+    """The one-launch global split-K (v4 always, v5 on small layers, v7 where rows are few): bitwise the same
+    result every call, whoever arrives last, and every arrival counter back at zero."""
     R, K, v, m, dtype = 4096, 4096, 64, 8, torch.float16
     monkeypatch.setattr(ops, "RING_CTAS_PER_SM", 8.0)  # the ring splits only small layers by default
-    name = {"stream": "stream_n1r2", "ring": "ring_n1r1", "tma": "tma_n1r1w4", "tsk": "tsk_n1r2w4"}[kernel]
-    if kernel in ("tma", "tsk") and not ops.device_has_tma(torch.cuda.current_device()):
+    name = {"stream": "stream_n1r2", "ring": "ring_n1r1", "tma": "tma_n1r1w4"}[kernel]
+    if kernel == "tma" and not ops.device_has_tma(torch.cuda.current_device()):
         pytest.skip("the TMA kernel needs sm_90+")
     p, wd = packed_weight(R, K, v, m, dtype)
     x = torch.randn(8, K, device=DEV).to(dtype)

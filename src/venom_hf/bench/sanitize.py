@@ -61,7 +61,7 @@ def accepted(c, case, nsm: int, smem: int) -> bool:
 
 
 def _natural(c, tokens: int) -> bool:
-    if c.kernel in ("stream", "ring", "tma", "tsk"):
+    if c.kernel in ("stream", "ring", "tma"):
         return tokens <= c.bn
     if c.kernel in ("kt", "wg"):
         return tokens > 64

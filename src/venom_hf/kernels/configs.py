@@ -10,8 +10,6 @@ The kernels:
   16-byte gathers of the selected rows of x^T; KW is fixed per config (the B tile does not depend on
   M). The CTA's rows lie in one V-block: BM must divide V.
 * ``stream`` / ``ring`` / ``tma`` (v4, v5, v7): decode, <= 16 tokens.
-* ``tsk`` (``spatha_spmm_tsk``, v9, sm_90+): decode, <= 16 tokens; the v7 TMA ring in persistent CTAs that
-  split the whole weight stream evenly (stream-K).
 * ``wg`` (``spatha_spmm_wg``, v8, sm_90a only): prefill with sparse wgmma over the weight read as 2:4;
   256 rows (4 consumer warpgroups) x 128 tokens per CTA, ``stages`` TMA stages of 128 columns.
 """
@@ -34,12 +32,12 @@ class TileConfig:
     kernel: str = "v2"
     kw_fixed: int = 0  # kt configs: the one KW they are built with
     sel: bool = False  # ring configs: x pre-gathered per V-block (v5.1, one 8-token tile)
-    pairs_per_stage: int = 0  # tma / tsk configs: pairs of k-steps per TMA ring stage
+    pairs_per_stage: int = 0  # tma configs: pairs of k-steps per TMA ring stage
 
     @property
     def decode(self) -> bool:
-        """One of the decode kernels (v4 stream, v5 ring, v7 tma, v9 tsk): <= 16 tokens, whole pairs of k-steps."""
-        return self.kernel in ("stream", "ring", "tma", "tsk")
+        """One of the decode kernels (v4 stream, v5 ring, v7 tma): <= 16 tokens, whole pairs of k-steps."""
+        return self.kernel in ("stream", "ring", "tma")
 
     @property
     def bm(self) -> int:
@@ -48,19 +46,19 @@ class TileConfig:
     @property
     def bn(self) -> int:
         """Tokens per CTA (ring configs: warps_n counts the warps that split K, not token tiles)."""
-        return self.wn if self.kernel in ("ring", "tma", "tsk") else self.wn * self.warps_n
+        return self.wn if self.kernel in ("ring", "tma") else self.wn * self.warps_n
 
     @property
     def threads(self) -> int:
-        # tma / tsk: warps_m consumer warps + the producer warp; wg: 4 consumer warpgroups + the producer warpgroup
+        # tma: warps_m consumer warps + the producer warp; wg: 4 consumer warpgroups + the producer warpgroup
         if self.kernel == "wg":
             return 640
-        return 32 * (self.warps_m * self.warps_n + (self.kernel in ("tma", "tsk")))
+        return 32 * (self.warps_m * self.warps_n + (self.kernel == "tma"))
 
     @property
     def kws(self) -> tuple[int, ...]:
         """The KW values this config is built with."""
-        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring", "tma", "tsk", "wg") else KWS
+        return (self.kw_fixed,) if self.kernel in ("kt", "stream", "ring", "tma", "wg") else KWS
 
     @property
     def rt(self) -> int:
@@ -85,11 +83,6 @@ class TileConfig:
             red = (self.warps_n - 1) * self.warps_m * self.rt * (self.wn // 8) * 512
             xsel = self.warps_m * rows * (steps * 16 + 16) * 4 if self.sel else 0
             return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4 + red + xsel
-        if self.kernel == "tsk":  # TMA ring (values, meta, column words per stage) + x of the whole K (steps)
-            rows = min(tokens, self.bn) if tokens else self.bn
-            pp = self.pairs_per_stage
-            stage = (pp * self.bm * 64 + self.bm * 16 * pp + self.warps_m * 64 * pp + 127) // 128 * 128
-            return self.stages * stage + rows * (steps * 8 * m + 8) * 2
         if self.kernel == "tma":  # TMA ring + x chunk (min(tokens, bn) rows) + column words per warp
             rows = min(tokens, self.bn) if tokens else self.bn
             ring = self.stages * self.bm * self.pairs_per_stage * 80
@@ -110,9 +103,9 @@ class TileConfig:
             sel = ", true" if self.sel else ""
             return (f"venom::spatha_spmm_ring<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.warps_n}, "
                     f"{self.stages}{sel}>")
-        if self.kernel in ("tma", "tsk"):  # spatha_spmm_tma / spatha_spmm_tsk<BF16, NT, RT, WR, PP, S>
-            return (f"venom::spatha_spmm_{self.kernel}<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, "
-                    f"{self.pairs_per_stage}, {self.stages}>")
+        if self.kernel == "tma":  # spatha_spmm_tma<BF16, NT, RT, WR, PP, S>
+            return (f"venom::spatha_spmm_tma<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.pairs_per_stage}, "
+                    f"{self.stages}>")
         if self.kernel == "stream":  # spatha_spmm_stream<BF16, NT, RT, WR, UP>; stages = UP
             return f"venom::spatha_spmm_stream<{b}, {self.wn // 8}, {self.rt}, {self.warps_m}, {self.stages}>"
         fn = "spatha_spmm_kt" if self.kernel == "kt" else "spatha_spmm"
@@ -157,13 +150,6 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("tma_n2r2w4", 32, 16, 4, 1, 3, "tma", 2, pairs_per_stage=2),
     TileConfig("tma_n1r2w8", 32, 8, 8, 1, 4, "tma", 2, pairs_per_stage=1),
     TileConfig("tma_n2r2w8", 32, 16, 8, 1, 4, "tma", 2, pairs_per_stage=1),
-    # v9 decode (sm_90+: the v7 ring in persistent stream-K CTAs): tsk_n<NT>r<RT>w<WR>; fields as tma
-    TileConfig("tsk_n1r2w4", 32, 8, 4, 1, 6, "tsk", 2, pairs_per_stage=2),
-    TileConfig("tsk_n1r1w4", 16, 8, 4, 1, 8, "tsk", 2, pairs_per_stage=2),
-    TileConfig("tsk_n1r2w8", 32, 8, 8, 1, 6, "tsk", 2, pairs_per_stage=1),
-    TileConfig("tsk_n2r2w4", 32, 16, 4, 1, 4, "tsk", 2, pairs_per_stage=2),
-    TileConfig("tsk_n1r2w4s3", 32, 8, 4, 1, 3, "tsk", 2, pairs_per_stage=2),
-    TileConfig("tsk_n1r1w4s4", 16, 8, 4, 1, 4, "tsk", 2, pairs_per_stage=2),
     # v8 prefill (sm_90a: sparse wgmma, the weight as 2:4 over the full K, x tiles by TMA): wg256x<BN>s<S>
     TileConfig("wg256x128s3", 64, 128, 4, 1, 3, "wg", 1),
     TileConfig("wg256x128s4", 64, 128, 4, 1, 4, "wg", 1),

@@ -77,18 +77,6 @@ class _TmaParams(ctypes.Structure):
     ]
 
 
-class _TskParams(ctypes.Structure):
-    """csrc/spatha.cuh TskParams: three CUtensorMaps (values, meta, columns) and the SpmmParams, padded as
-    _TmaParams."""
-    _fields_ = [
-        ("values_map", ctypes.c_uint64 * 16),
-        ("meta_map", ctypes.c_uint64 * 16),
-        ("columns_map", ctypes.c_uint64 * 16),
-        ("p", _SpmmParams),
-        ("_pad", ctypes.c_char * ((-ctypes.sizeof(_SpmmParams)) % 64)),
-    ]
-
-
 class _WgParams(ctypes.Structure):
     """csrc/spatha.cuh WgParams (384 bytes): the x and values tensor maps, then the plain fields."""
     _fields_ = [
@@ -374,25 +362,6 @@ TMA_SMEM_CAP = 113 * 1024
 TMA_MIN_WEIGHTS = 48 * 2**20
 
 
-# v9 stream-K TMA decode kernel (sm_90+): persistent CTAs per SM (each streams 1/G of the weight), and the
-# shared memory of one CTA (ring + x of the whole K) at most this much.
-TSK_CTAS_PER_SM = 1.0
-TSK_SMEM_CAP = 227 * 1024
-
-
-def _tsk_grid(cfg, T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_smem: int) -> tuple[int, int]:
-    """(CTAs, k-steps staged per CTA = all of K) of the stream-K kernel; (0, 0) when it cannot run this call
-    (metadata rows not 16-byte aligned, a tile's rows not whole V-blocks or within one, x of the whole K and
-    the ring over its shared memory)."""
-    if Gp % 16 or not (v % cfg.bm == 0 or cfg.bm % v == 0):
-        return 0, 0
-    nsteps = Gp // 8
-    if cfg.smem_bytes(m, 2, nsteps, T) > min(max_smem, TSK_SMEM_CAP):
-        return 0, 0
-    units = math.ceil(Rp / cfg.bm) * math.ceil(Gp // 16 / cfg.pairs_per_stage)
-    return max(1, min(units, round(TSK_CTAS_PER_SM * num_sms))), nsteps
-
-
 def _tma_order(T: int) -> list:
     """TMA decode configs for a call, best first (used only on devices with TMA)."""
     B = _cfg.BY_NAME
@@ -536,13 +505,6 @@ def _search_config(T: int, Rp: int, Gp: int, v: int, m: int, num_sms: int, max_s
             split, steps = _tma_split(c, T, Rp, Gp, m, num_sms, max_smem)
             if steps:
                 return c, 2, split, steps
-            continue
-        if c.kernel == "tsk":  # split = the persistent grid
-            if not tma or v % c.wm or T > c.bn:
-                continue
-            ctas, steps = _tsk_grid(c, T, Rp, Gp, v, m, num_sms, max_smem)
-            if steps:
-                return c, 2, ctas, steps
             continue
         if c.kernel in ("stream", "ring"):
             if v % c.wm or T > c.bn:
@@ -745,12 +707,11 @@ class SpmmPlan:
         self.reduce = self.transpose = None
         self.row_ctas = 0
         if self.kind == "stream":
-            self.row_ctas = math.ceil(Rp / cfg.bm)  # tsk: its tiles, one arrival counter each
-            # tsk: `split` persistent CTAs, each with two partial-sum slots (its first and last tile)
-            self.grid = (split, 1, 1) if cfg.kernel == "tsk" else (self.row_ctas, split, 1)
+            self.row_ctas = math.ceil(Rp / cfg.bm)
+            self.grid = (self.row_ctas, split, 1)
             self.smem = cfg.smem_bytes(m, 2, steps, T)
             if split > 1:
-                self.ws_numel = (2 if cfg.kernel == "tsk" else self.row_ctas) * split * cfg.bm * cfg.bn
+                self.ws_numel = split * self.row_ctas * cfg.bm * cfg.bn
                 _ensure_arena(idx)
             ld_in = ldx
         else:
@@ -795,19 +756,6 @@ class SpmmPlan:
             _nvrtc.encode_tensor_map_2d(self.tma.meta_map, _nvrtc.TMAP_UINT8, meta.data_ptr(), (Gp, Rp), Gp,
                                         (16 * cfg.pairs_per_stage, cfg.bm))
             self.p = self.tma.p  # a view into self.tma: run() writes the per-call pointers there
-            self.p_args, self._p_keep = _nvrtc.kernel_args(self.tma)
-        elif cfg.kernel == "tsk":
-            # as tma, plus the column words (Rb, Gp*4) bytes: one box of the tile's V-blocks per stage
-            pp = cfg.pairs_per_stage
-            self.tma = _TskParams()
-            self.tma.p = p
-            _nvrtc.encode_tensor_map_2d(self.tma.values_map, _nvrtc.TMAP_UINT16, values.data_ptr(), (2 * Gp, Rp),
-                                        4 * Gp, (32, cfg.bm))
-            _nvrtc.encode_tensor_map_2d(self.tma.meta_map, _nvrtc.TMAP_UINT8, meta.data_ptr(), (Gp, Rp), Gp,
-                                        (16 * pp, cfg.bm))
-            _nvrtc.encode_tensor_map_2d(self.tma.columns_map, _nvrtc.TMAP_UINT8, columns.data_ptr(),
-                                        (4 * Gp, columns.shape[0]), 4 * Gp, (64 * pp, max(1, cfg.bm // v)))
-            self.p = self.tma.p
             self.p_args, self._p_keep = _nvrtc.kernel_args(self.tma)
         else:
             self.p = p
@@ -967,7 +915,7 @@ def check_input(x: torch.Tensor, weight: torch.Tensor, in_features: int | None, 
 
 
 def _tunables() -> tuple:
-    return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, TSK_CTAS_PER_SM, TSK_SMEM_CAP, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
+    return (TMA_CTAS_PER_SM, TMA_SMEM_CAP, TMA_MIN_WEIGHTS, STREAM_CTAS_PER_SM, STREAM_SMEM_CAP,
             STREAM_PARTIAL_SHARE, RING_CTAS_PER_SM, RING_SMALL_ROWS, RING_SMALL_ROWS_16, RING_SEL_MAX_K,
             KT_MIN_TOKENS, KT_WIDE_MIN_TOKENS, KT_WIDE_MIN_WEIGHTS, KT128_MIN_CTAS_PER_SM, WG_MIN_TOKENS,
             WG_FIRST_MAX_M, WG_M16_MAX_ROWS, KT32_SMALL_MAX_K, KT32_SMALL_MAX_TOKENS)
