@@ -763,27 +763,14 @@ __device__ __forceinline__ void stream_pair_meta(const StreamFrag (&f)[RT], int 
   }
 }
 
+// The gather + mma part of one pair, given the metadata registers e (one per 16-row tile) of the pair.
 template <bool BF16, int NT, int RT>
-__device__ __forceinline__ void stream_pair_mma(float (&acc)[RT][NT][4], const StreamFrag (&f)[RT],
-                                                const unsigned* cw, const unsigned short* const (&xr)[NT],
-                                                int M, int u, int lane) {
+__device__ __forceinline__ void stream_pair_mma_e(float (&acc)[RT][NT][4], const StreamFrag (&f)[RT],
+                                                  const unsigned (&e)[RT], const unsigned* cw,
+                                                  const unsigned short* const (&xr)[NT], int M, int u, int lane) {
   const int tig = lane & 3;
   const int h = tig >> 1;
   const int csh = 16 * (tig & 1);  // this lane's 2 of the 4 column bytes of a group
-  // metadata nibbles: lane tig needs bytes {4j + tig} of rows g, g+8 (see the header). (The same code as
-  // stream_pair_meta, kept inline here: calling the helper changes the register allocation of the measured
-  // kernels.)
-  unsigned e[RT];
-#pragma unroll
-  for (int i = 0; i < RT; ++i) {
-    const unsigned w = (f[i].meta.x & 0x0F0F0F0Fu) | ((f[i].meta.y & 0x0F0F0F0Fu) << 4);
-    const unsigned s0 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 0);
-    const unsigned s1 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 1);
-    const unsigned s2 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 2);
-    const unsigned s3 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 3);
-    const unsigned sel = tig | ((tig + 4) << 4);
-    e[i] = __byte_perm(__byte_perm(s0, s1, sel), __byte_perm(s2, s3, sel), 0x5410);
-  }
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     // groups of k-step s seen by this lane's B registers: slot 2q + h
@@ -814,6 +801,29 @@ __device__ __forceinline__ void stream_pair_mma(float (&acc)[RT][NT][4], const S
       }
     }
   }
+}
+
+// One pair with the metadata from the canonical bytes in f[i].meta (v4 stream, v5 ring): lane tig needs the
+// nibbles of bytes {4j + tig} of rows g, g+8 (see the header); each lane loaded 8 bytes of one row, 4
+// shuffles hand each lane its own (format.decode_meta_layout is the same word, laid out once per weight for
+// the v7 kernel).
+template <bool BF16, int NT, int RT>
+__device__ __forceinline__ void stream_pair_mma(float (&acc)[RT][NT][4], const StreamFrag (&f)[RT],
+                                                const unsigned* cw, const unsigned short* const (&xr)[NT],
+                                                int M, int u, int lane) {
+  const int tig = lane & 3;
+  unsigned e[RT];
+#pragma unroll
+  for (int i = 0; i < RT; ++i) {
+    const unsigned w = (f[i].meta.x & 0x0F0F0F0Fu) | ((f[i].meta.y & 0x0F0F0F0Fu) << 4);
+    const unsigned s0 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 0);
+    const unsigned s1 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 1);
+    const unsigned s2 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 2);
+    const unsigned s3 = __shfl_sync(0xffffffffu, w, (lane & ~3) | 3);
+    const unsigned sel = tig | ((tig + 4) << 4);
+    e[i] = __byte_perm(__byte_perm(s0, s1, sel), __byte_perm(s2, s3, sel), 0x5410);
+  }
+  stream_pair_mma_e<BF16, NT, RT>(acc, f, e, cw, xr, M, u, lane);
 }
 
 // Epilogue of the decode kernels (v4 stream, v5 ring). One split (p.nsplit == 1): + bias, write y. Else
@@ -1284,23 +1294,30 @@ __global__ void __launch_bounds__(RW * KS * 32)
 // H200's 4.8: every lane issues its own 16-byte copies (v5: cp.async into a per-warp ring, v4: loads into
 // registers), so the bytes in flight per SM are bounded by warps x registers / ring slots, and the copies
 // themselves share the MIO queue with the x gathers. Here one thread per CTA asks the copy engine for
-// whole tiles: per stage and pair of k-steps one 2-D box of values (BR rows x 64 bytes) and per stage one
-// box of metadata (BR rows x 16*PP bytes), both read from the canonical packed layout as it is (the tensor
-// maps are built on the host over values (Rp, Gp*2) halves and meta (Rp, Gp) bytes). S stages of
-// BR*PP*80 bytes are in flight per CTA from the start, and no consumer instruction is spent on copies.
+// whole tiles: per stage and pair of k-steps one 2-D box of values (BR rows x 64 bytes) from the canonical
+// packed layout as it is (tensor map over values (Rp, Gp*2) halves), and per stage one box of metadata
+// (BR/16 tiles x PP pairs x 128 bytes) from the metadata in register order (format.decode_meta_layout,
+// built once per weight on its device: tensor map over (Rp/16, Gp/16*32) words). S stages of BR*PP*72
+// bytes are in flight per CTA from the start, and no consumer instruction is spent on copies.
+// Why the metadata layout (docs/perf-notes.md, v7.1): the canonical byte per row and group carries one
+// nibble, and turning 8 of those bytes per lane into the mma.sp sparsity register costs 4 shuffles and 3 byte
+// permutes per 16-row tile and pair; the register-order words are half the bytes (the weight stream is 10 %
+// shorter) and one conflict-free 32-bit shared load per tile and pair.
 // * CTA = WR consumer warps (16*RT rows each, BR = 16*RT*WR rows) + 1 producer warp (lane 0 issues).
 // * Stage st holds pairs PP*st .. PP*st+PP-1 of the CTA's split: values [PP][BR][64 B] (16 groups x
 //   2 halves per row and pair: the rows of a pair are 64 bytes apart, so the 8 lanes of a 16-byte
-//   shared-load phase read 2 rows x 64 B = 128 contiguous bytes, no bank conflict), meta [BR][16*PP B].
-// * A consumer lane reads exactly the v4 register layout (StreamFrag) from the stage, releases the stage
-//   (mbarrier arrive, all lanes), then runs stream_pair_mma (the x gather and mma part shared with v4/v5).
+//   shared-load phase read 2 rows x 64 B = 128 contiguous bytes, no bank conflict), meta [BR/16][PP][32]
+//   words (word = lane).
+// * A consumer lane reads the v4 register layout of the values (StreamFrag) and its metadata word per tile
+//   from the stage, releases the stage (mbarrier arrive, all lanes), then runs stream_pair_mma_e (the x
+//   gather and mma part shared with v4/v5).
 // * x (T <= 8*NT token rows of the split's K range) and the column words are staged once per CTA with
 //   cp.async, as in v5; TMA boxes beyond the tensor (rows >= Rp, groups >= Gp) arrive zero-filled.
 // * Split-K: the one-launch scheme of v4 (partials + last-arriving CTA; stream_epilogue).
 // Grid: (ceil(Rp / BR), nsplit); block (WR + 1) warps. Host requirements: as v4, plus Gp % 16 == 0 (the
 // metadata rows are the tensor map's row stride, which TMA wants 16-byte aligned), steps_per_split a
 // multiple of 2*PP (whole stages per split), and the tensor maps of TmaParams made for these tensors.
-// Dynamic shared memory (bytes): S*BR*PP*80 (ring) + TS*(steps*8*M + 8)*2 (x, TS = min(T, 8*NT))
+// Dynamic shared memory (bytes): S*BR*PP*72 (ring) + TS*(steps*8*M + 8)*2 (x, TS = min(T, 8*NT))
 //   + WR*steps*8*4 (column words), steps = steps_per_split.
 // Below sm_90 the kernel is compiled empty (no TMA there) and never dispatched.
 // =============================================================================================
@@ -1309,7 +1326,7 @@ struct alignas(64) TmaDesc {
 };
 struct TmaParams {
   TmaDesc values;  // UINT16, dims {Gp*2, Rp}, box {32, BR}
-  TmaDesc meta;    // UINT8, dims {Gp, Rp}, box {16*PP, BR}
+  TmaDesc meta;    // UINT32 (format.decode_meta_layout), dims {Gp/16*32, Rp/16}, box {32*PP, BR/16}
   SpmmParams p;
 };
 // the host mirror (venom_hf.kernels.ops._TmaParams) assumes these offsets
@@ -1355,10 +1372,10 @@ __global__ void __launch_bounds__((WR + 1) * 32)
   constexpr int NTH = (WR + 1) * 32;
   constexpr int BR = 16 * RT * WR;
   constexpr int VB = BR * 64;               // bytes of one pair's values box
-  constexpr int MB = BR * 16 * PP;          // bytes of the stage's metadata box
-  constexpr int STAGE = PP * VB + MB;       // BR * PP * 80: a multiple of 128 bytes
+  constexpr int MB = BR / 16 * PP * 128;    // bytes of the stage's metadata box
+  constexpr int STAGE = PP * VB + MB;       // BR * PP * 72: a multiple of 128 bytes
   static_assert(NT >= 1 && NT <= 2 && RT >= 1 && WR >= 1 && PP >= 1 && S >= 2, "tma config");
-  static_assert(BR <= 256 && 16 * PP <= 256, "TMA boxes are at most 256 per dimension");
+  static_assert(BR <= 256 && 32 * PP <= 256, "TMA boxes are at most 256 per dimension");
   const SpmmParams& p = tp.p;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -1372,8 +1389,6 @@ __global__ void __launch_bounds__((WR + 1) * 32)
   const bool producer = warp == WR;
   const int g = lane >> 2;
   const int tig = lane & 3;
-  const int h = tig >> 1;
-  const int pp = tig & 1;
 
   const int m0 = blockIdx.x * BR;
   const int wrow = m0 + warp * 16 * RT;  // consumer warps: first row
@@ -1401,7 +1416,7 @@ __global__ void __launch_bounds__((WR + 1) * 32)
     mbar_expect_tx(&full[st % S], nv * VB + MB);
     for (int j = 0; j < nv; ++j)
       tma_load_2d(base + j * VB, &tp.values, 2 * (g_begin + 16 * (st * PP + j)), m0, &full[st % S]);
-    tma_load_2d(base + PP * VB, &tp.meta, g_begin + 16 * PP * st, m0, &full[st % S]);
+    tma_load_2d(base + PP * VB, &tp.meta, 2 * (g_begin + 16 * PP * st), m0 / 16, &full[st % S]);
   };
   // The producer lane initializes the barriers and starts the first S stages at once; the consumers first
   // wait on a barrier after the x staging's __syncthreads below, which also publishes the initialization.
@@ -1448,6 +1463,8 @@ __global__ void __launch_bounds__((WR + 1) * 32)
       mbar_wait(&full[st % S], (st / S) & 1);
       const unsigned char* base = ring + (st % S) * STAGE;
       StreamFrag f[PP][RT];
+      unsigned e[PP][RT];
+      const unsigned* mw = reinterpret_cast<const unsigned*>(base + PP * VB);
 #pragma unroll
       for (int u = 0; u < PP; ++u)
 #pragma unroll
@@ -1455,13 +1472,12 @@ __global__ void __launch_bounds__((WR + 1) * 32)
           const unsigned char* vb = base + u * VB + (lrow + 16 * i) * 64 + tig * 16;
           f[u][i].v0 = *reinterpret_cast<const uint4*>(vb);
           f[u][i].v1 = *reinterpret_cast<const uint4*>(vb + 8 * 64);
-          f[u][i].meta =
-              *reinterpret_cast<const uint2*>(base + PP * VB + (lrow + 16 * i + 8 * h) * 16 * PP + 16 * u + 8 * pp);
+          e[u][i] = mw[((warp * RT + i) * PP + u) * 32 + lane];
         }
       mbar_arrive(&empty[st % S]);  // the stage's bytes are in registers: the producer may refill it
 #pragma unroll
       for (int u = 0; u < PP; ++u)
-        if (st * PP + u < npairs) stream_pair_mma<BF16, NT, RT>(acc, f[u], cw, xr, M, st * PP + u, lane);
+        if (st * PP + u < npairs) stream_pair_mma_e<BF16, NT, RT>(acc, f[u], e[u], cw, xr, M, st * PP + u, lane);
     }
   }
 

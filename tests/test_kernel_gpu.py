@@ -390,12 +390,12 @@ def test_wg_layout_built_once_matches_format_and_freed():
     nvrtc.copy_async(got.data_ptr(), a, want.numel(), torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert torch.equal(got.cpu(), want.reshape(-1))  # the device build is the format module's, bit for bit
-    n = len(ops._WG_LAYOUTS)
+    n = len(ops._LAYOUTS)
     del p
     import gc
 
     gc.collect()
-    assert len(ops._WG_LAYOUTS) == n - 1 and not ops._PENDING_FREES  # freed with its weight
+    assert len(ops._LAYOUTS) == n - 1 and not ops._PENDING_FREES  # freed with its weight
 
 
 @needs_wg
@@ -431,6 +431,83 @@ def test_wg_layout_follows_in_place_weight_updates():
                     mask=random_vnm_mask(R, K, v, m, gen)) for _ in range(2))
     x = torch.randn(T, K, device=DEV).to(dtype)
     check(kernels.spmm(x, a.values, a.columns, a.meta, None, v, m, R), x, vf.unpack(a).double(), None, dtype, "a")
+    for dst, src in ((a.values, b.values), (a.columns, b.columns), (a.meta, b.meta)):
+        dst.copy_(src)
+    poison()
+    check(kernels.spmm(x, a.values, a.columns, a.meta, None, v, m, R), x, vf.unpack(b).double(), None, dtype,
+          "after the in-place update")
+
+
+# --- the v7 kernel's metadata in register order (format.decode_meta_layout), built once per weight -----------
+needs_tma = pytest.mark.skipif(not ops.device_has_tma(torch.cuda.current_device()),
+                               reason="the v7 kernel needs an sm_90 device (TMA)")
+
+
+@needs_tma
+def test_meta_layout_built_once_matches_format_and_freed():
+    R, K, v, m, dtype = 512, 2048, 64, 8, torch.bfloat16
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    p = vf.pack(torch.randn(R, K, generator=gen, device=DEV).to(dtype), f"{v}:2:{m}",
+                mask=random_vnm_mask(R, K, v, m, gen))
+    idx = torch.cuda.current_device()
+    a = ops.meta_layout(p.values, p.columns, p.meta, v, m, idx)
+    assert ops.meta_layout(p.values, p.columns, p.meta, v, m, idx) == a  # cached
+    assert ops.wg_layout(p.values, p.columns, p.meta, v, m, idx) != a  # the two kinds are separate entries
+    want = vf.decode_meta_layout(p.meta.cpu())
+    got = torch.empty(want.numel(), dtype=torch.int32, device=DEV)
+    from venom_hf.kernels import nvrtc
+
+    torch.cuda.synchronize()
+    nvrtc.copy_async(got.data_ptr(), a, 4 * want.numel(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), want.reshape(-1))  # the device build is the format module's, bit for bit
+    assert ops.layout_bytes([p.values]) == 4 * want.numel() + vf.wgmma_layout(
+        p.columns.cpu(), p.meta.cpu(), f"{v}:2:{m}", R).numel()
+    n = len(ops._LAYOUTS)
+    del p
+    import gc
+
+    gc.collect()
+    assert len(ops._LAYOUTS) == n - 2 and not ops._PENDING_FREES  # both freed with their weight
+
+
+@needs_tma
+def test_tma_cuda_graph_and_capture_fallback(monkeypatch):
+    """Warm (layout built before capture): the v7 kernel runs in the graph; cold: the capture takes another
+    decode kernel, and the next eager call makes and keeps the v7 plan."""
+    monkeypatch.setenv("VENOM_HF_SPMM_CONFIG", "tma_n1r2w4")
+    R, K, v, m, dtype, T = 4096, 2048, 64, 8, torch.bfloat16, 8
+    for warm in (True, False):
+        p, wd = packed_weight(R, K, v, m, dtype, seed=10 + int(warm))
+        xs = torch.randn(T, K, device=DEV).to(dtype)
+        if warm:
+            kernels.spmm(xs, p.values, p.columns, p.meta, None, v, m, R)
+        ops._PLANS.clear()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ys = kernels.spmm(xs, p.values, p.columns, p.meta, None, v, m, R)
+        captured = [plan for plan in ops._PLANS.values() if plan]
+        assert any(plan.cfg.kernel == "tma" for plan in captured) == warm
+        xs.copy_(torch.randn(T, K, device=DEV).to(dtype))
+        ys.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        check(ys, xs, wd, None, dtype, f"tma graph warm={warm}")
+        if not warm:
+            check(kernels.spmm(xs, p.values, p.columns, p.meta, None, v, m, R), xs, wd, None, dtype, "after")
+            assert [plan.cfg.kernel for plan in ops._PLANS.values() if plan] == ["tma"]
+
+
+@needs_tma
+def test_meta_layout_follows_in_place_weight_updates(monkeypatch):
+    monkeypatch.setenv("VENOM_HF_SPMM_CONFIG", "tma_n1r1w4")
+    R, K, v, m, dtype, T = 1024, 2048, 64, 8, torch.float16, 3
+    gen = torch.Generator(device=DEV).manual_seed(13)
+    a, b = (vf.pack(torch.randn(R, K, generator=gen, device=DEV).to(dtype), f"{v}:2:{m}",
+                    mask=random_vnm_mask(R, K, v, m, gen)) for _ in range(2))
+    x = torch.randn(T, K, device=DEV).to(dtype)
+    check(kernels.spmm(x, a.values, a.columns, a.meta, None, v, m, R), x, vf.unpack(a).double(), None, dtype, "a")
+    assert any(plan.cfg.kernel == "tma" and plan.layout for plan in ops._PLANS.values() if plan)
     for dst, src in ((a.values, b.values), (a.columns, b.columns), (a.meta, b.meta)):
         dst.copy_(src)
     poison()

@@ -34,6 +34,7 @@ __all__ = [
     "vnm_linear",
     "packed_shapes",
     "wgmma_layout",
+    "decode_meta_layout",
 ]
 
 logger = logging.getLogger("venom_hf")
@@ -492,6 +493,26 @@ def vnm_linear(x: torch.Tensor, packed: PackedVNM, bias: torch.Tensor | None = N
 
 
 # --------------------------------------------------------------------------------------------- device layouts
+def decode_meta_layout(meta: torch.Tensor) -> torch.Tensor:
+    """The metadata of the sm_90 decode kernel (``spatha_spmm_tma``, csrc/spatha.cuh) in the order its lanes
+    use it: the ``mma.sp.m16n8k32`` sparsity register of every lane, per 16-row tile and pair of k-steps (16
+    groups). Derived from ``meta`` only (not stored, not saved); half its bytes (the canonical upper nibbles
+    are zero and dropped).
+
+    ``meta``: ``(Rp, Gp)`` uint8 with ``Rp % 16 == 0`` and ``Gp % 16 == 0``. Returns int32 ``(Rp/16, Gp/16,
+    32)``; byte ``j = 2h + p`` (little-endian) of word ``[t, u, 4g + q]`` is ``n(r, c) | n(r, c + 4) << 4``
+    with ``n`` the canonical nibble, row ``r = 16t + g + 8h``, group ``c = 16u + 8p + q``.
+    """
+    rp, gp = meta.shape
+    if meta.dtype != torch.uint8 or rp % 16 or gp % 16:
+        raise VNMFormatError(f"decode_meta_layout needs uint8 meta of (16k, 16l) entries, got {meta.dtype} "
+                             f"{tuple(meta.shape)}")
+    n = (meta & 0x0F).view(rp // 16, 2, 8, gp // 16, 2, 2, 4)  # (t, h, g, u, p, lo/hi, q)
+    b = n[..., 0, :] | (n[..., 1, :] << 4)  # (t, h, g, u, p, q)
+    b = b.permute(0, 3, 2, 5, 1, 4).contiguous()  # (t, u, g, q, h, p): bytes of word 4g + q
+    return b.view(rp // 16, gp // 16, 32, 4).view(torch.int32).view(rp // 16, gp // 16, 32)
+
+
 WGMMA_TILE_ROWS = 64  # rows per wgmma warpgroup tile
 WGMMA_CTA_ROWS = 256  # rows per CTA of the sm_90a kernel (the layout covers whole CTAs)
 WGMMA_STAGE_STEPS = 4  # 32-column k-steps per pipeline stage (the layout covers whole stages)

@@ -226,7 +226,7 @@ def _peak(device: torch.device, base: int, model: nn.Module) -> int | None:
         return None
     from venom_hf.kernels import ops
 
-    layouts = ops.wg_layout_bytes([*model.parameters(), *model.buffers()])
+    layouts = ops.layout_bytes([*model.parameters(), *model.buffers()])
     return int(torch.cuda.max_memory_allocated(device)) - base + weight_bytes(model)["total"] + layouts
 
 

@@ -85,7 +85,7 @@ class TileConfig:
             return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4 + red + xsel
         if self.kernel == "tma":  # TMA ring + x chunk (min(tokens, bn) rows) + column words per warp
             rows = min(tokens, self.bn) if tokens else self.bn
-            ring = self.stages * self.bm * self.pairs_per_stage * 80
+            ring = self.stages * self.bm * self.pairs_per_stage * 72
             return ring + rows * (steps * 8 * m + 8) * 2 + self.warps_m * steps * 8 * 4
         if self.kernel == "stream":  # x chunk [8*NT][steps*8*M + 8] halves + column words per warp
             steps = steps + steps % 2

@@ -2,7 +2,8 @@
 
 The CUDA path runs the Spatha kernels of csrc/spatha.cuh (built by NVRTC, see nvrtc.py) directly on the
 canonical tensors of docs/format.md:
-* decode (<= 16 tokens): the v7 TMA kernel (sm_90+) on big layers, the v5 ring kernel (weights through a
+* decode (<= 16 tokens): the v7 TMA kernel (sm_90+) on big layers (metadata in register order,
+  format.decode_meta_layout, built once per weight on its device, ``meta_layout``), the v5 ring kernel (weights through a
   per-warp cp.async ring, K split among a CTA's warps), the v4 register weight-stream kernel where the
   sweeps say it wins, v2 as fallback;
 * 17-64 tokens: the v2 kernel;
@@ -36,7 +37,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..format import VNMSpec, unpack_tensors, wgmma_layout
+from ..format import VNMSpec, decode_meta_layout, unpack_tensors, wgmma_layout
 from . import configs as _cfg
 from . import dispatch as _dispatch
 from . import nvrtc as _nvrtc
@@ -597,12 +598,13 @@ def _counter_buffer(idx: int, stream: int, n: int) -> int | None:
     return addr
 
 
-# The v8 kernel's chunk layout per packed weight (format.wgmma_layout): built on first use on the weight's
-# device by torch ops, then copied into driver memory (nvrtc.alloc_bytes: outside torch's allocator and every
-# CUDA-graph pool, so a layout first built inside torch.compile's cudagraph warm-up may outlive it); freed
-# when the ``values`` tensor it was built for is collected. Not built while a stream captures (the driver
-# refuses allocations then): that call takes another kernel.
-_WG_LAYOUTS: dict[tuple, tuple] = {}  # key -> (weakref to values, address, bytes)
+# Derived per-weight layouts: the v8 kernel's chunk layout (format.wgmma_layout, kind "wg") and the v7
+# kernel's metadata in register order (format.decode_meta_layout, kind "meta"). Built on first use on the
+# weight's device by torch ops, then copied into driver memory (nvrtc.alloc_bytes: outside torch's allocator
+# and every CUDA-graph pool, so a layout first built inside torch.compile's cudagraph warm-up may outlive it);
+# freed when the ``values`` tensor it was built for is collected. Not built while a stream captures (the
+# driver refuses allocations then): that call takes another kernel.
+_LAYOUTS: dict[tuple, tuple] = {}  # (kind, device, addresses, ...) -> (weakref to values, address, bytes)
 
 
 _PENDING_FREES: list[int] = []  # layouts whose weight died while a stream captured: freed at the next chance
@@ -617,14 +619,14 @@ def tensor_version(t: torch.Tensor) -> int:
         return 0
 
 
-def _free_wg_layout(key: tuple, ptr: int) -> None:
+def _free_layout(key: tuple, ptr: int) -> None:
     """Drop a layout (its ``values`` tensor died, or its columns/meta changed in place) and the memoized plans
     that use it; once per layout. The free synchronizes the device, which a capture in progress (the garbage
     collector may run inside one) does not allow: then it waits for the next layout build."""
-    if _WG_LAYOUTS.get(key, (None, None))[1] != ptr:
+    if _LAYOUTS.get(key, (None, None))[1] != ptr:
         return  # already dropped
-    del _WG_LAYOUTS[key]
-    for k in [k for k, plan in _PLANS.items() if plan and plan.kind == "wg" and plan.wg.layout == ptr]:
+    del _LAYOUTS[key]
+    for k in [k for k, plan in _PLANS.items() if plan and plan.layout == ptr]:
         del _PLANS[k]
     _PENDING_FREES.append(ptr)
     _free_pending()
@@ -640,36 +642,52 @@ def _free_pending() -> None:
         pass
 
 
-def wg_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v: int, m: int, idx: int) -> int | None:
-    """Address of the chunk layout of a packed weight on device ``idx`` (built once), or None during capture."""
-    key = (idx, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), tuple(values.shape), v, m,
+def _layout(kind: str, values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v: int, m: int,
+            idx: int) -> int | None:
+    key = (kind, idx, values.data_ptr(), columns.data_ptr(), meta.data_ptr(), tuple(values.shape), v, m,
            tensor_version(columns), tensor_version(meta))
-    entry = _WG_LAYOUTS.get(key)
+    entry = _LAYOUTS.get(key)
     if entry is not None and entry[0]() is values:
         return entry[1]
     if torch.cuda.is_current_stream_capturing():
         return None
     if entry is not None:  # another tensor at the same addresses
-        _free_wg_layout(key, entry[1])
-    for k in [k for k, e in _WG_LAYOUTS.items() if k[:-2] == key[:-2] and e[0]() is values]:
-        _free_wg_layout(k, _WG_LAYOUTS[k][1])  # the same weight before an in-place update: stale
+        _free_layout(key, entry[1])
+    for k in [k for k, e in _LAYOUTS.items() if k[:-2] == key[:-2] and e[0]() is values]:
+        _free_layout(k, _LAYOUTS[k][1])  # the same weight before an in-place update: stale
     _free_pending()
     with _on_device(idx):
-        lay = wgmma_layout(columns, meta, VNMSpec(v, 2, m), values.shape[0]).contiguous()
-        ptr = _nvrtc.alloc_bytes(lay.numel(), idx)
-        _nvrtc.copy_async(ptr, lay.data_ptr(), lay.numel(), torch.cuda.current_stream(idx).cuda_stream)
+        if kind == "wg":
+            lay = wgmma_layout(columns, meta, VNMSpec(v, 2, m), values.shape[0]).contiguous()
+        else:
+            lay = decode_meta_layout(meta)
+        nbytes = lay.numel() * lay.element_size()
+        ptr = _nvrtc.alloc_bytes(nbytes, idx)
+        _nvrtc.copy_async(ptr, lay.data_ptr(), nbytes, torch.cuda.current_stream(idx).cuda_stream)
         torch.cuda.current_stream(idx).synchronize()  # once per weight: the temporary may go right after
-    _WG_LAYOUTS[key] = (weakref.ref(values), ptr, lay.numel())
-    weakref.finalize(values, _free_wg_layout, key, ptr)
+    _LAYOUTS[key] = (weakref.ref(values), ptr, nbytes)
+    weakref.finalize(values, _free_layout, key, ptr)
     return ptr
 
 
-def wg_layout_bytes(tensors) -> int:
-    """Bytes of the chunk layouts built for any of ``tensors`` (a model's parameters and buffers: a fused
-    group's layout is keyed by its first member's values address). They live in driver memory, which
+def wg_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v: int, m: int, idx: int) -> int | None:
+    """Address of the v8 chunk layout of a packed weight on device ``idx`` (built once), or None during capture."""
+    return _layout("wg", values, columns, meta, v, m, idx)
+
+
+def meta_layout(values: torch.Tensor, columns: torch.Tensor, meta: torch.Tensor, v: int, m: int, idx: int
+                ) -> int | None:
+    """Address of the v7 register-order metadata of a packed weight on device ``idx`` (built once), or None
+    during capture."""
+    return _layout("meta", values, columns, meta, v, m, idx)
+
+
+def layout_bytes(tensors) -> int:
+    """Bytes of the derived layouts built for any of ``tensors`` (a model's parameters and buffers: a fused
+    group's layouts are keyed by its first member's values address). They live in driver memory, which
     torch's memory counters do not see."""
     ptrs = {t.data_ptr() for t in tensors}
-    return sum(e[2] for k, e in _WG_LAYOUTS.items() if k[1] in ptrs and e[0]() is not None)
+    return sum(e[2] for k, e in _LAYOUTS.items() if k[2] in ptrs and e[0]() is not None)
 
 
 class SpmmPlan:
@@ -683,6 +701,7 @@ class SpmmPlan:
     """
 
     provisional = False
+    layout = None  # address of the derived layout the plan's kernel reads (v8, v7), if any
 
     def __init__(self, cfg, kw: int, split: int, steps: int, T: int, K: int, ldx: int, dtype: torch.dtype,
                  idx: int, values, columns, meta, bias, v: int, m: int, R: int, layout: int | None = None):
@@ -694,6 +713,7 @@ class SpmmPlan:
         self.kind = "stream" if cfg.decode else cfg.kernel
         self.split = split
         self.cfg = cfg
+        self.layout = layout
         bptr = bias.data_ptr() if bias is not None else None
         exprs = [cfg.expr(bf16, kw)]
         if self.kind != "stream":
@@ -748,13 +768,14 @@ class SpmmPlan:
             self.p = p  # unused by the kernel; run() writes y there as for the others
             self.p_args, self._p_keep = _nvrtc.kernel_args(self.wg)
         elif cfg.kernel == "tma":
-            # the TMA descriptors over the canonical values (Rp, Gp*2) halves and meta (Rp, Gp) bytes, built once
+            # the TMA descriptors over the canonical values (Rp, Gp*2) halves and the register-order metadata
+            # (Rp/16, Gp/16*32) words (format.decode_meta_layout), built once
             self.tma = _TmaParams()
             self.tma.p = p
             _nvrtc.encode_tensor_map_2d(self.tma.values_map, _nvrtc.TMAP_UINT16, values.data_ptr(), (2 * Gp, Rp),
                                         4 * Gp, (32, cfg.bm))
-            _nvrtc.encode_tensor_map_2d(self.tma.meta_map, _nvrtc.TMAP_UINT8, meta.data_ptr(), (Gp, Rp), Gp,
-                                        (16 * cfg.pairs_per_stage, cfg.bm))
+            _nvrtc.encode_tensor_map_2d(self.tma.meta_map, _nvrtc.TMAP_UINT32, layout, (2 * Gp, Rp // 16), 8 * Gp,
+                                        (32 * cfg.pairs_per_stage, cfg.bm // 16))
             self.p = self.tma.p  # a view into self.tma: run() writes the per-call pointers there
             self.p_args, self._p_keep = _nvrtc.kernel_args(self.tma)
         else:
@@ -821,10 +842,11 @@ def make_plan(T: int, K: int, ldx: int, dtype: torch.dtype, idx: int, values, co
     if cfg is None:
         cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, config, tma, wg)
     layout = None
-    if cfg is not None and cfg.kernel == "wg":
-        layout = wg_layout(values, columns, meta, v, m, idx)
+    if cfg is not None and cfg.kernel in ("wg", "tma"):
+        layout = _layout("wg" if cfg.kernel == "wg" else "meta", values, columns, meta, v, m, idx)
         if layout is None:  # capturing: the layout cannot be built now; this plan serves the capture only
-            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, None, tma, False)
+            cfg, kw, split, steps = choose_config(T, Rp, Gp, v, m, num_sms, max_smem, None,
+                                                  tma and cfg.kernel != "tma", wg and cfg.kernel != "wg")
             provisional = True
     if cfg is not None and cfg.kernel == "kt" and Gp * m * (math.ceil(T / cfg.bn) * cfg.bn) >= 2**31:
         # the kt gathers use 32-bit offsets into x^T: a > 2^31-element x^T takes the v2 kernel
