@@ -78,6 +78,30 @@ def test_profile_decode_runs_on_cpu_events():
     assert st["projection_ms"] == st["other_ms"] == st["kernels_per_step"] == 0
 
 
+def test_host_profile_counts_calls_per_step():
+    """The host split by the difference of two generation lengths: a function that runs once per decoding
+    step counts 1 call per step, and no function's self time exceeds the step."""
+    model = bench.build_model("smollm2-135m", True, CPU, torch.float32)
+    prompt = bench.make_prompt(model.config.vocab_size, 1, 8, 0, CPU)
+    cache = bench.new_static_cache(model, 8 + 6)
+    bench.greedy(model, prompt, 2, cache)
+    h = bench.host_profile_decode(model, cache, prompt, 2, 6, top=10_000)
+    rows = {r["function"]: r for r in h["top_cumulative"]}
+    per_step = rows["transformers/generation/utils.py:_update_model_kwargs_for_generation"]
+    assert per_step["calls_per_step"] == 1.0
+    assert h["profiled_step_ms"] > 0 and h["python_calls_per_step"] > 100
+    assert all(r["self_ms"] <= h["profiled_step_ms"] * 1.05 for r in h["top_self"])
+    assert h["top_self"][0]["self_ms"] == max(r["self_ms"] for r in h["top_cumulative"])
+
+
+def test_function_label_is_package_relative():
+    assert bench._function_label(("/x/lib/python3.11/site-packages/torch/nn/modules/module.py", 1, "_call_impl")) \
+        == "torch/nn/modules/module.py:_call_impl"
+    assert bench._function_label(("/work/repo/src/venom_hf/modules.py", 3, "forward")) == "venom_hf/modules.py:forward"
+    assert bench._function_label(("~", 0, "<method 'item' of 'torch._C.TensorBase' objects>")) \
+        == "<method 'item' of 'torch._C.TensorBase' objects>"
+
+
 # ---------------------------------------------------------------------------------------- weight bytes
 def test_weight_bytes_counts_tied_and_packed_storage_once():
     model = bench.build_model("smollm2-135m", True, CPU, torch.float32)  # tied embeddings
@@ -220,7 +244,11 @@ def test_markdown_and_plot_of_a_gpu_shaped_result(tmp_path):
         "dense": {"weight_bytes": {"total": 16 * gib, "projections": 13 * gib, "lm_head": 1 * gib},
                   "prefill": {"1x2048": {"ms": 60.0, "peak_mem_bytes": 18 * gib}},
                   "static": {"b1": {"tok_s": 100.0, "compiled": True, "recompiles": 0}},
-                  "profile": {"per_step_ms": step, "unprofiled_step_ms": 9.5}},
+                  "profile": {"per_step_ms": step, "unprofiled_step_ms": 9.5,
+                              "host": {"profiled_step_ms": 12.0, "python_calls_per_step": 4321.0, "top_cumulative": [],
+                                       "top_self": [{"function": "torch/_dynamo/eval_frame.py:_fn",
+                                                     "calls_per_step": 1.0, "self_ms": 3.0,
+                                                     "cumulative_ms": 9.0}]}}},
         "64:2:8": {"weight_bytes": {"total": 6 * gib, "projections": 3 * gib, "lm_head": 1 * gib},
                    "prefill": {"1x2048": {"ms": 80.0}},
                    "static": {"b1": {"tok_s": 150.0, "compiled": True, "recompiles": 2}}},
@@ -246,6 +274,8 @@ def test_markdown_and_plot_of_a_gpu_shaped_result(tmp_path):
     assert "projection time -> 0 gives at most 2.50x dense" in md
     assert "one static-cache decode step, batch 1 (torch.profiler)" in md
     assert "bound 1.75x; measured static b1 1.50x (86% of the bound)" in md
+    assert "dense: profiled step 12.00 ms, 4,321 Python calls per step" in md
+    assert "| `torch/_dynamo/eval_frame.py:_fn` | 1 | 3.000 | 25% |" in md
     # a profile at batch 8 (--profile-batch 8): the Amdahl line compares the static b8 ratio
     formats["dense"]["profile"]["batch"] = 8
     formats["dense"]["static"]["b8"] = {"tok_s": 400.0}

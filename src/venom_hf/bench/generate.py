@@ -452,6 +452,59 @@ def profile_decode(model: nn.Module, cache, prompt: torch.Tensor, l1: int, l2: i
                     "wall time with no kernel running"}
 
 
+def _function_label(key: tuple) -> str:
+    """``(file, line, name)`` of a pstats entry as ``package/module.py:name``."""
+    file, _line, name = key
+    if file == "~":  # C functions: pstats names them like "<method 'item' of ...>"
+        return name
+    parts = file.replace("\\", "/").split("/")
+    for root in ("site-packages", "dist-packages", "src"):
+        if root in parts:
+            parts = parts[len(parts) - parts[::-1].index(root):]
+            break
+    else:
+        parts = parts[-2:]
+    return "/".join(parts) + ":" + name
+
+
+def _host_stats(model: nn.Module, cache, prompt: torch.Tensor, n: int) -> tuple[dict, float]:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    cache.reset()
+    _sync(model.device)
+    t0 = time.perf_counter()
+    prof.enable()
+    greedy(model, prompt, n, cache)
+    _sync(model.device)
+    prof.disable()
+    return pstats.Stats(prof).stats, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def host_profile_decode(model: nn.Module, cache, prompt: torch.Tensor, l1: int, l2: int, top: int = 15) -> dict:
+    """Where the host time of one static-cache decode step goes: cProfile over ``generate`` of L1 and L2 new
+    tokens, their difference per step for every Python function (self and cumulative ms, calls), the top
+    ``top`` by cumulative time. cProfile slows Python code down (each call costs more), so the absolute
+    numbers are above an unprofiled step's; the shares and the call counts are what to read. A function
+    that waits for the GPU (``.item()``, ``synchronize``) holds that wait in its self time."""
+    (a, wa), (b, wb) = _host_stats(model, cache, prompt, l1), _host_stats(model, cache, prompt, l2)
+    steps = l2 - l1
+    rows = []
+    for key, (_cc, nc, tt, ct, _callers) in b.items():
+        _cc0, nc0, tt0, ct0, _ = a.get(key, (0, 0, 0.0, 0.0, None))
+        rows.append({"function": _function_label(key), "calls_per_step": (nc - nc0) / steps,
+                     "self_ms": (tt - tt0) / steps * 1e3, "cumulative_ms": (ct - ct0) / steps * 1e3})
+    wall = (wb - wa) / steps * 1e3
+    rows.sort(key=lambda r: -r["cumulative_ms"])
+    by_self = sorted(rows, key=lambda r: -r["self_ms"])
+    return {"profiled_step_ms": wall, "python_calls_per_step": sum(r["calls_per_step"] for r in rows),
+            "top_cumulative": rows[:top], "top_self": by_self[:top],
+            "note": "cProfile, difference of two generation lengths per step; profiled Python runs slower "
+                    "than unprofiled, read shares and call counts"}
+
+
 def amdahl_bounds(dense_step: dict, byte_ratio: float | None = None) -> dict:
     """Speedup bounds over the dense step ``{projection_ms, other_ms, idle_ms, wall_ms}`` if the projection
     time went to zero, and if it shrank by ``byte_ratio`` (decode GEMMs are bandwidth bound)."""
@@ -585,6 +638,7 @@ def _profile_markdown(key: str, m: dict) -> list[str]:
         out.append(f"| {fmt} | {step} | " + " | ".join(parts) + f" | {st['kernels_per_step']:.0f} |")
     am = m.get("amdahl")
     out += ["", "The projection column holds every GEMM-library kernel, so it includes the lm_head GEMM."]
+    out += _host_markdown(profs)
     if am:
         z = am.get("bound_projection_zero")
         if z:
@@ -595,6 +649,24 @@ def _profile_markdown(key: str, m: dict) -> list[str]:
             out.append(f"- {fmt}: GEMM-bucket bytes (projections + lm_head) {b['byte_ratio']:.3f}x dense -> bound "
                        f"{b['bound_by_bytes']:.2f}x; measured static b{am.get('batch', 1)} "
                        + (f"{meas:.2f}x ({meas / b['bound_by_bytes']:.0%} of the bound)" if meas else "n/a"))
+    return out
+
+
+def _host_markdown(profs: dict, rows: int = 8) -> list[str]:
+    """The host split of the profiled step per format: its Python functions with the most self time."""
+    hosts = {fmt: p["host"] for fmt, p in profs.items() if isinstance(p.get("host"), dict)}
+    if not hosts:
+        return []
+    out = ["", "Host time of one step (cProfile over `generate`, per step; profiled Python runs slower than "
+           "unprofiled, so read the shares): the functions with the most self time.", ""]
+    for fmt, h in hosts.items():
+        wall = h["profiled_step_ms"] or float("nan")
+        out += [f"{fmt}: profiled step {wall:.2f} ms, {h['python_calls_per_step']:,.0f} Python calls per step", "",
+                "| function | calls/step | self ms | share of the step |", "|---|---|---|---|"]
+        for r in h["top_self"][:rows]:
+            out.append(f"| `{r['function'][:90]}` | {r['calls_per_step']:.0f} | {r['self_ms']:.3f} | "
+                       f"{r['self_ms'] / wall:.0%} |")
+        out.append("")
     return out
 
 
@@ -1048,8 +1120,10 @@ def _maybe_profile(model, key, fmt, f, b, r, keep, args, budget, estimates, devi
         f["profile"] = profile_decode(model, keep["cache"], keep["prompt"], l1, l2)
         f["profile"]["unprofiled_step_ms"] = r.get("step_ms")
         f["profile"]["batch"] = b
+        f["profile"]["host"] = host_profile_decode(model, keep["cache"], keep["prompt"], l1, l2)
     except Exception as e:  # noqa: BLE001 - the timings stand without the profile
-        f["profile"] = _error(e)
+        f["profile"] = {**f.get("profile", {}), **_error(e)} if "per_step_ms" in f.get("profile", {}) \
+            else _error(e)
     if "error" in f["profile"]:
         _log(budget, f"{key} {fmt} profile: {f['profile']['error']}")
     estimates[(key, "profile", "")] = time.perf_counter() - t0
