@@ -15,7 +15,8 @@ Per model and format it measures
   layouts, which live in driver memory) and the weight bytes (projections and lm_head separately);
 * for selected cells (default: llama3-8b dense and 64:2:8, static cache, the smallest batch run or
   ``--profile-batch``) a torch.profiler split of one decode step into projection GEMM/SpMM time, other GPU
-  kernels and GPU idle, and the Amdahl bounds it implies for the sparse formats.
+  kernels and GPU idle, the Amdahl bounds it implies for the sparse formats, and a cProfile split of the
+  same step's host time (calls, self and cumulative time per Python function).
 
 All formats of a model are built first and stay in memory (``--sequential``: one at a time). Every cell is
 host-sensitive (decode of a small model is bound by ``generate()``'s host time per token, static cache
@@ -1122,8 +1123,8 @@ def _maybe_profile(model, key, fmt, f, b, r, keep, args, budget, estimates, devi
         f["profile"]["batch"] = b
         f["profile"]["host"] = host_profile_decode(model, keep["cache"], keep["prompt"], l1, l2)
     except Exception as e:  # noqa: BLE001 - the timings stand without the profile
-        f["profile"] = {**f.get("profile", {}), **_error(e)} if "per_step_ms" in f.get("profile", {}) \
-            else _error(e)
+        prof = f.get("profile")  # a failed host split keeps the GPU split
+        f["profile"] = {**prof, **_error(e)} if isinstance(prof, dict) and "per_step_ms" in prof else _error(e)
     if "error" in f["profile"]:
         _log(budget, f"{key} {fmt} profile: {f['profile']['error']}")
     estimates[(key, "profile", "")] = time.perf_counter() - t0

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one case per config, fp16 only (for racecheck)")
     ap.add_argument("--configs", default="", metavar="PREFIX", help="only the configs whose name starts so")
-    ap.add_argument("--profile", choices=sorted(PROFILES), help="run one layer call 5 times instead (for ncu, or racecheck of one shape)")
+    ap.add_argument("--profile", choices=sorted(PROFILES),
+                    help="run one layer call 5 times instead (for ncu, or racecheck of one shape)")
     ap.add_argument("--shape", help="--profile: RxK, e.g. 4096x11008")
     ap.add_argument("--tokens", type=int, help="--profile: tokens")
     ap.add_argument("--spec", help="--profile: V:2:M spec")
