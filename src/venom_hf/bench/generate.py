@@ -473,8 +473,7 @@ def _host_stats(model: nn.Module, cache, prompt: torch.Tensor, n: int) -> tuple[
     import pstats
 
     prof = cProfile.Profile()
-    cache.reset()
-    _sync(model.device)
+    _sync(model.device)  # greedy resets the cache
     t0 = time.perf_counter()
     prof.enable()
     greedy(model, prompt, n, cache)

@@ -79,9 +79,8 @@ def plan(quick: bool, prefix: str = "") -> list:
         fits = [case for case in CASES if accepted(c, case, nsm, smem)]
         # the token counts the dispatch sends to this config first (its residues), then any other that fits;
         # --quick (racecheck, which slows every shared-memory access by orders of magnitude) the smallest of them
-        order = (lambda case: (not _natural(c, case[4]), case[0] * case[1])) if quick else \
-            (lambda case: not _natural(c, case[4]))
-        cases = sorted(fits, key=order)[: 1 if quick else 2]
+        cases = sorted(fits, key=lambda case: (not _natural(c, case[4]), case[0] * case[1] if quick else 0))
+        cases = cases[: 1 if quick else 2]
         if not cases:
             print(f"config {c.name}: no case of the set fits it on this card (skipped)")
         out += [(case, c.name) for case in cases]
