@@ -23,6 +23,7 @@ _LAZY = {
     "VNMConfig": "venom_hf.hf",
     "VNMHfQuantizer": "venom_hf.hf",
     "compress": "venom_hf.hf",
+    "defer_stop_check": "venom_hf.hf",
     "enable_sparsity_config_alias": "venom_hf.hf",
     "disable_sparsity_config_alias": "venom_hf.hf",
     "VNMPruningCallback": "venom_hf.pruning",

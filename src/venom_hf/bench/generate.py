@@ -131,14 +131,17 @@ def projection_names(model: nn.Module) -> list[str]:
 
 
 def apply_format(model: nn.Module, fmt: str) -> nn.Module:
-    """``fmt`` in place: "dense" (unchanged), "2:4" (cuSPARSELt) or a V:2:M spec through the public API."""
+    """``fmt`` in place: "dense" (unchanged), "2:4" (cuSPARSELt) or a V:2:M spec through the public API.
+    Every format, dense included, gets ``defer_stop_check`` (compress turns it on for V:N:M models): all of
+    them run the same generate() loop, and the ratios compare their forwards only."""
+    import venom_hf
+
     if fmt == "dense":
-        return model
+        return venom_hf.defer_stop_check(model)
     if fmt == "2:4":
         from .models import to_semi_structured  # the 2:4 path of the model benchmark, same targets
 
-        return to_semi_structured(model)
-    import venom_hf
+        return venom_hf.defer_stop_check(to_semi_structured(model))
 
     venom_hf.prune(model, None, fmt, method="magnitude", progress=False)
     venom_hf.compress(model, progress=False)

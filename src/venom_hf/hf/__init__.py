@@ -8,6 +8,7 @@ import logging
 
 from .alias import alias_disabled_by_env, disable_sparsity_config_alias, enable_sparsity_config_alias
 from .config import DEFAULT_TARGETS, VNMConfig
+from .generation import defer_stop_check
 from .packing import compress
 from .quantizer import VNMHfQuantizer
 
@@ -16,6 +17,7 @@ __all__ = [
     "VNMConfig",
     "VNMHfQuantizer",
     "compress",
+    "defer_stop_check",
     "enable_sparsity_config_alias",
     "disable_sparsity_config_alias",
     "DEFAULT_TARGETS",

@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..modules import VNMMaskedLinear, VNMSparseLinear
 from .config import VNMConfig
 from .convert import mark_packed, replace_module
+from .generation import defer_stop_check
 from .quantizer import _ensure_quantizer
 
 __all__ = ["compress"]
@@ -20,7 +21,7 @@ logger = logging.getLogger("venom_hf")
 def compress(model: nn.Module, *, progress: bool = True) -> nn.Module:
     """Turn every ``VNMMaskedLinear`` of ``model`` into a ``VNMSparseLinear`` in place (a progress bar runs
     over the layers) and set ``model.config.quantization_config.format = "packed"``, so that
-    ``save_pretrained`` writes a packed checkpoint. A layer that cannot be packed (N > 2, or offloaded to
+    ``save_pretrained`` writes a packed checkpoint, and turn on ``defer_stop_check`` for ``generate()``. A layer that cannot be packed (N > 2, or offloaded to
     meta/disk) stays masked, with one warning naming it. Returns ``model``."""
     from tqdm.auto import tqdm
 
@@ -41,6 +42,7 @@ def compress(model: nn.Module, *, progress: bool = True) -> nn.Module:
         replace_module(model, name, VNMSparseLinear.from_masked(module))
     if any(isinstance(m, VNMSparseLinear) for m in model.modules()):
         mark_packed(model)
+        defer_stop_check(model)  # the shorter decode step must not wait for the host (hf/generation.py)
     cfg = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(cfg, VNMConfig):
         if not names:

@@ -34,6 +34,7 @@ from ..format import VNMFormatError, VNMSpec, make_mask, mask_from_weight, pack,
 from ..modules import VNMMaskedLinear, VNMSparseLinear, fuse_projections, pack_mask_bits
 from .config import VNMConfig
 from .convert import PACKED_MARKER, dequantize_modules, mark_packed, plan_modules, replace_module
+from .generation import defer_stop_check
 
 __all__ = ["VNMHfQuantizer"]
 
@@ -267,6 +268,7 @@ class VNMHfQuantizer(HfQuantizer):
             # inference layers read their siblings' input: q|k|v and gate|up run as one SpMM each (the state
             # dict and save_pretrained are unchanged; offloaded layers are left unfused)
             fuse_projections(model)
+            defer_stop_check(model)  # the shorter decode step must not wait for the host (hf/generation.py)
         self._pending_masks.clear()
         self._failed.clear()
         return model
