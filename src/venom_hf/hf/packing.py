@@ -21,8 +21,9 @@ logger = logging.getLogger("venom_hf")
 def compress(model: nn.Module, *, progress: bool = True) -> nn.Module:
     """Turn every ``VNMMaskedLinear`` of ``model`` into a ``VNMSparseLinear`` in place (a progress bar runs
     over the layers) and set ``model.config.quantization_config.format = "packed"``, so that
-    ``save_pretrained`` writes a packed checkpoint, and turn on ``defer_stop_check`` for ``generate()``. A layer that cannot be packed (N > 2, or offloaded to
-    meta/disk) stays masked, with one warning naming it. Returns ``model``."""
+    ``save_pretrained`` writes a packed checkpoint, and turn on ``defer_stop_check`` for ``generate()``. A
+    layer that cannot be packed (N > 2, or offloaded to meta/disk) stays masked, with one warning naming it.
+    Returns ``model``."""
     from tqdm.auto import tqdm
 
     names = [n for n, m in model.named_modules() if isinstance(m, VNMMaskedLinear)]
