@@ -349,3 +349,42 @@ def test_fused_siblings_with_bias_and_padded_rows_on_gpu(dtype, tokens):
     for o, r in zip(out, ref):
         err = (o.double().cpu() - r).norm() / r.norm()
         assert o.dtype == dtype and torch.isfinite(o).all() and err < (4e-3 if dtype == torch.float16 else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_fused_launch_plan_hits_stay_correct_on_gpu(tokens):
+    """The eager fast path of a fused group (a launch plan hit for a new input, slices for the siblings)
+    against float64: fresh inputs on NaN-poisoned memory, an in-place change between members, and a
+    member whose weight is reassigned after its group made its plans."""
+    if not venom_hf.kernels.is_available():
+        pytest.skip("Spatha kernel unavailable")
+    torch.manual_seed(5)
+    mod = _Siblings(k=256).to("cuda", torch.float16)
+    assert fuse_projections(mod) == 1
+
+    def ref(m, x):
+        return venom_hf.spmm(x.double().cpu(), m.weight_values.double().cpu(), m.weight_columns.cpu(),
+                             m.weight_meta.cpu(), None if m.bias is None else m.bias.double().cpu(), 16, 8,
+                             m.out_features)
+
+    def check(o, r):
+        err = (o.double().cpu() - r).norm() / r.norm()
+        assert o.dtype == torch.float16 and torch.isfinite(o).all() and err < 4e-3
+
+    group = mod.query._fused_group
+    for call in range(4):  # the first call makes the plan, the others hit it
+        torch.full((4 * tokens * group.rows,), float("nan"), dtype=torch.float16, device="cuda")  # freed: poison
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.float16)
+        x0 = x.clone()
+        inplace = call == 2
+        q, k, v = mod(x, inplace=inplace)
+        check(q, ref(mod.query, x0))
+        for o, m in ((k, mod.key), (v, mod.value)):
+            check(o, ref(m, 2 * x0 if inplace else x0))
+    assert group._plans, "the fused group made no launch plan"
+    mod.key.weight_values = nn.Parameter(mod.key.weight_values.detach() * 2, requires_grad=False)
+    x = torch.randn(tokens, 256, device="cuda", dtype=torch.float16)
+    for o, m in zip(mod(x), (mod.query, mod.key, mod.value)):
+        check(o, ref(m, x))

@@ -328,6 +328,12 @@ class VNMSparseLinear(nn.Module):
             self.validate(f"{name}.weight_" if name else "")
             self._needs_validation = False
         group = getattr(self, "_fused_group", None)  # getattr: layers pickled before fusion existed
+        if group is not None and not torch.compiler.is_compiling():
+            # the eager fast path of a fused member: a sibling already ran the group's SpMM for this very
+            # tensor (its slice is all that is left), or the group has a launch plan for this input's shape
+            y = group.eager_output(self, x)
+            if y is not None:
+                return y
         # Traced through an intact group, the layer reads the group's tensors only: every tensor, object and
         # attribute a trace reads is a guard that the compiled graph checks on the host at every call (a
         # fused member's own views are three tensor guards each, ~500 on a 32-layer model, for nothing).
@@ -560,20 +566,38 @@ class _FusedProjections:
         return spmm(x, self.values, self.columns, self.meta, self.bias, v, m, self.rows)
 
     def output_for(self, member: VNMSparseLinear, x: torch.Tensor) -> torch.Tensor | None:
-        if self._x is not x or self._x_version != x._version:
-            # a new input: check once per input (not per member: this runs per layer at decode) that every
-            # member still lives in the fused storage, then run the one SpMM
-            if not self.intact() and not self._rebuild():
-                if not self._warned:
-                    logger.warning("venom_hf: fused projections %s can no longer share one storage (moved to "
-                                   "different devices or offloaded); running them unfused", self.names)
-                    self._warned = True
-                self._x = self._y = None
-                return None
-            self._y = self._spmm_all(x)
-            self._x, self._x_version, self._served = x, x._version, 0
-        off = self.row_offsets[member._fused_index]
-        y = self._y[..., off : off + member.out_features]
+        """Run the group's one SpMM for a new input ``x`` and return ``member``'s slice; None when the members
+        no longer live in one storage and cannot be fused again (the caller runs the member alone). The
+        siblings then take their slices through ``eager_output``."""
+        # checked once per input, not per member (this runs per layer at decode)
+        if not self.intact() and not self._rebuild():
+            if not self._warned:
+                logger.warning("venom_hf: fused projections %s can no longer share one storage (moved to "
+                               "different devices or offloaded); running them unfused", self.names)
+                self._warned = True
+            self._x = self._y = None
+            return None
+        self._y = self._spmm_all(x)
+        self._x, self._x_version, self._served = x, x._version, 0
+        return self._slice(member)
+
+    def eager_output(self, member: VNMSparseLinear, x) -> torch.Tensor | None:
+        """``member``'s slice without the checks of a new input, or None (the caller takes the checked path):
+        when the group's last SpMM ran for this same tensor, unchanged since (identity and version counter),
+        or, for a new input, through the group's launch plan for its shape and dtype (made by a checked call
+        of that shape, so the checks hold) while the members still live in the fused storage."""
+        if self._x is x and self._x_version == x._version:
+            return self._slice(member)
+        if not self._plans or type(x) is not torch.Tensor or not self.intact():
+            return None
+        y = _fast_spmm(self._plans, x, self.values, self.columns, self.meta, self.bias)
+        if y is None:
+            return None
+        self._y, self._x, self._x_version, self._served = y, x, x._version, 0
+        return self._slice(member)
+
+    def _slice(self, member: VNMSparseLinear) -> torch.Tensor:
+        y = self._y.narrow(-1, self.row_offsets[member._fused_index], member.out_features)
         self._served += 1
         if self._served >= len(self._members):  # every member has its slice: drop the references
             self._x = self._y = None

@@ -420,8 +420,9 @@ def _kernel_events(prof) -> tuple[list[tuple[str, float, float]], dict]:
 @torch.no_grad()
 def profile_decode(model: nn.Module, cache, prompt: torch.Tensor, l1: int, l2: int, top: int = 12,
                    activities=None) -> dict:
-    """Per-decode-step split of static-cache ``generate``: two profiled runs (L1 and L2 new tokens) and their
-    difference divided by L2 - L1, which removes prefill and set-up as the tokens/s measure does.
+    """Per-decode-step split of ``generate``: two profiled runs (L1 and L2 new tokens) and their difference
+    divided by L2 - L1, which removes prefill and set-up as the tokens/s measure does. ``cache``: the static
+    cache of the cell, or None for an eager (dynamic-cache) cell.
     ``activities``: profiler activities (default CUDA only, which keeps the profiler's host overhead low)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -429,8 +430,7 @@ def profile_decode(model: nn.Module, cache, prompt: torch.Tensor, l1: int, l2: i
     device = model.device
     runs = {}
     for n in (l1, l2):
-        cache.reset()
-        _sync(device)
+        _sync(device)  # greedy resets a static cache
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             greedy(model, prompt, n, cache)
