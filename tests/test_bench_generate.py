@@ -215,6 +215,20 @@ def test_rounds_alternate_over_formats(tmp_path, capsys, monkeypatch):
         assert res["models"]["smollm2-135m"]["formats"]["dense"][mode]["b2"]["rounds"] == 3
 
 
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_decode_warm_up_covers_the_longer_length(mode, monkeypatch):
+    """The warm-up call generates L2 tokens, so that no sequence length of the timed runs is new to the
+    process when it is timed; then one L1 and one L2 run per repeat."""
+    lengths = []
+    real = bench.greedy
+    monkeypatch.setattr(bench, "greedy", lambda model, prompt, n, cache=None: lengths.append(n) or
+                        real(model, prompt, n, cache))
+    model = bench.build_model("smollm2-135m", True, CPU, torch.float32)
+    r = bench.time_decode(model, mode, 1, 4, 2, 5, 2, 0)
+    assert lengths == [5, 2, 5, 2, 5]
+    assert len(r["t_L1_s"]) == len(r["t_L2_s"]) == 2 and len(r["tokens"][0]) == 5
+
+
 def test_static_mode_and_budget_skip(tmp_path):
     out = str(tmp_path)
     res = bench.main(["--tiny", "--models", "gemma3-270m", "--formats", "dense", "2:4", "--modes", "static",
