@@ -30,8 +30,8 @@ torch.compile) is recorded with its error and the run goes on; ``--budget-s`` sk
 
 Where the time goes on a GPU: the static-cache cells are dominated by the first call, in which transformers
 has torch.compile trace, lower and CUDA-graph the whole forward (tens of seconds per model, format and batch
-size; batch 8 recompiles); eager cells cost (L2 + repeats x (L1 + L2)) decode steps (the warm-up runs L2); prefill and model
-building are seconds. ``--skip`` drops cells by pattern, e.g. ``'smollm2-135m:*:static:b8'``.
+size; batch 8 recompiles); eager cells cost (L2 + repeats x (L1 + L2)) decode steps (the warm-up runs L2);
+prefill and model building are seconds. ``--skip`` drops cells by pattern, e.g. ``'smollm2-135m:*:static:b8'``.
 
     python -m venom_hf.bench.generate --out out/generate --budget-s 480
     python -m venom_hf.bench.generate --tiny --models smollm2-135m --formats dense 64:2:8   # CPU smoke test
@@ -318,7 +318,8 @@ def time_decode(model: nn.Module, mode: str, batch: int, prompt_len: int, l1: in
     # warm-up of the longer length: for "static" this compiles and records the CUDA graphs; for "eager" it
     # meets every sequence length of the timed runs: on the H200 the first eager L2 run of a process took
     # 2-4x the later ones (a one-off cost per new length, not identified; the formats timed after it in the
-    # same round did not pay it), so with a warm-up of L1 only the first round's first format paid it in its timing
+    # same round did not pay it), so with a warm-up of L1 only the first round's first format paid it in
+    # its timing
     greedy(model, prompt, l2, cache)
     _sync(device)
     warm_s = time.perf_counter() - t0
