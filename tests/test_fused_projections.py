@@ -212,6 +212,24 @@ def test_inplace_change_or_other_input_is_not_served_from_the_fused_output():
     torch.testing.assert_close(v, mod.value(x0), rtol=1e-12, atol=1e-12)
 
 
+def test_siblings_served_from_the_group_skip_the_input_checks(monkeypatch):
+    """Eager decode's host time: only the member that runs the group's SpMM checks the input; its siblings,
+    called with that same tensor, take their slice first (a fresh tensor is checked again)."""
+    torch.manual_seed(6)
+    mod = _Siblings()
+    x = torch.randn(3, 96, dtype=torch.float64)
+    ref = [mod.query(x), mod.key(x), mod.value(x)]
+    fuse_projections(mod)
+    checks = []
+    check = vm._check_layer_input
+    monkeypatch.setattr(vm, "_check_layer_input", lambda *a, **k: checks.append(a[3]()) or check(*a, **k))
+    for o, r in zip(mod(x), ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    assert len(checks) == 1
+    mod(x.clone())
+    assert len(checks) == 2
+
+
 def test_moved_members_are_fused_again_at_the_next_call():
     torch.manual_seed(3)
     mod = _Siblings()
