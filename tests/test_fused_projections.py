@@ -69,6 +69,33 @@ def test_generate_with_kv_cache_is_unchanged_by_fusion():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_inference_mode_runs_each_member_alone_with_the_unfused_results():
+    """Inference tensors have no version counter, so an in-place change between siblings could not be seen:
+    under torch.inference_mode every member runs alone (generate with a KV cache included)."""
+    model = _tiny_llama()
+    unfuse_projections(model)
+    ids = torch.randint(0, 128, (2, 5))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    ref = model.generate(ids, **kw)
+    assert fuse_projections(model) == 4
+    with torch.inference_mode():
+        out = model.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(7)
+    mod = _Siblings()
+    fuse_projections(mod)
+    x0 = torch.randn(4, 96, dtype=torch.float64)
+    with torch.inference_mode():
+        q, k, v = mod(x0.clone(), inplace=True)  # key and value see 2 * x0
+    unfuse_projections(mod)
+    torch.testing.assert_close(q, mod.query(x0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(k, mod.key(2 * x0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, mod.value(2 * x0), rtol=1e-12, atol=1e-12)
+
+
 def _spmm_counting_backend(graphs: list):
     """A torch.compile backend that appends each graph's number of venom::spmm calls to ``graphs``."""
 

@@ -329,11 +329,16 @@ class VNMSparseLinear(nn.Module):
             self._needs_validation = False
         group = getattr(self, "_fused_group", None)  # getattr: layers pickled before fusion existed
         if group is not None and not torch.compiler.is_compiling():
-            # the eager fast path of a fused member: a sibling already ran the group's SpMM for this very
-            # tensor (its slice is all that is left), or the group has a launch plan for this input's shape
-            y = group.eager_output(self, x)
-            if y is not None:
-                return y
+            if type(x) is torch.Tensor and x.is_inference():
+                # an inference tensor (torch.inference_mode) has no version counter: an in-place change
+                # between two siblings' calls could not be seen, so each member runs alone
+                group = None
+            else:
+                # the eager fast path of a fused member: a sibling already ran the group's SpMM for this very
+                # tensor (its slice is all that is left), or the group has a launch plan for this input's shape
+                y = group.eager_output(self, x)
+                if y is not None:
+                    return y
         # Traced through an intact group, the layer reads the group's tensors only: every tensor, object and
         # attribute a trace reads is a guard that the compiled graph checks on the host at every call (a
         # fused member's own views are three tensor guards each, ~500 on a 32-layer model, for nothing).
