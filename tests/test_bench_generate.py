@@ -80,7 +80,8 @@ def test_profile_decode_runs_on_cpu_events():
 
 def test_host_profile_counts_calls_per_step():
     """The host split by the difference of two generation lengths: a function that runs once per decoding
-    step counts 1 call per step, and no function's self time exceeds the step."""
+    step counts 1 call per step, and the two top lists are ordered by their time (call counts are exact;
+    times are not asserted, a loaded CI machine can make the shorter run the slower one)."""
     model = bench.build_model("smollm2-135m", True, CPU, torch.float32)
     prompt = bench.make_prompt(model.config.vocab_size, 1, 8, 0, CPU)
     cache = bench.new_static_cache(model, 8 + 6)
@@ -89,8 +90,10 @@ def test_host_profile_counts_calls_per_step():
     rows = {r["function"]: r for r in h["top_cumulative"]}
     per_step = rows["transformers/generation/utils.py:_update_model_kwargs_for_generation"]
     assert per_step["calls_per_step"] == 1.0
-    assert h["profiled_step_ms"] > 0 and h["python_calls_per_step"] > 100
-    assert all(r["self_ms"] <= h["profiled_step_ms"] * 1.05 for r in h["top_self"])
+    assert h["python_calls_per_step"] > 100 and "profiled_step_ms" in h
+    selfs = [r["self_ms"] for r in h["top_self"]]
+    cums = [r["cumulative_ms"] for r in h["top_cumulative"]]
+    assert selfs == sorted(selfs, reverse=True) and cums == sorted(cums, reverse=True)
     assert h["top_self"][0]["self_ms"] == max(r["self_ms"] for r in h["top_cumulative"])
 
 
