@@ -582,9 +582,7 @@ class _FusedProjections:
                 self._warned = True
             self._x = self._y = None
             return None
-        self._y = self._spmm_all(x)
-        self._x, self._x_version, self._served = x, x._version, 0
-        return self._slice(member)
+        return self._serve(self._spmm_all(x), x, member)
 
     def eager_output(self, member: VNMSparseLinear, x) -> torch.Tensor | None:
         """``member``'s slice without the checks of a new input, or None (the caller takes the checked path):
@@ -598,6 +596,10 @@ class _FusedProjections:
         y = _fast_spmm(self._plans, x, self.values, self.columns, self.meta, self.bias)
         if y is None:
             return None
+        return self._serve(y, x, member)
+
+    def _serve(self, y: torch.Tensor, x: torch.Tensor, member: VNMSparseLinear) -> torch.Tensor:
+        """Keep the group's output ``y`` of input ``x`` for the siblings, and return ``member``'s slice."""
         self._y, self._x, self._x_version, self._served = y, x, x._version, 0
         return self._slice(member)
 

@@ -71,11 +71,6 @@ def _issue_projections(layer: nn.Module, x: torch.Tensor, xo: torch.Tensor, xd: 
     mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(xd)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def measure_decoder_layer(model: str, formats, tokens=(1, 8), rounds: int = 30, layers: int = 100,
                           device: str = "cuda", dtype: torch.dtype = torch.bfloat16, tiny: bool = False) -> list[dict]:
@@ -84,7 +79,7 @@ def measure_decoder_layer(model: str, formats, tokens=(1, 8), rounds: int = 30, 
     round, each on a fresh input tensor (a fused group serves its siblings only for the tensor it ran on)."""
     from transformers import AutoModelForCausalLM
 
-    from .generate import apply_format, model_config
+    from .generate import _sync, apply_format, model_config
 
     device = torch.device(device)
     cfg = model_config(model, tiny)
