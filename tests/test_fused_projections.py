@@ -210,10 +210,13 @@ class _Siblings(nn.Module):
 @pytest.mark.parametrize("bias", [True, False])
 def test_members_with_padded_rows_bias_and_3d_input(bias):
     torch.manual_seed(1)
-    mod = _Siblings(bias=bias)  # 48 and 40 rows are padded to 64 and 48 rows at V = 16
+    mod = _Siblings(bias=bias)  # value's 40 rows are padded to 48 at V = 16
     x = torch.randn(2, 3, 96, dtype=torch.float64)
     ref = [mod.query(x), mod.key(x), mod.value(x)]
     assert fuse_projections(mod) == 1
+    group = mod.query._fused_group
+    # one split of the group's output: each member's rows, then its padding rows as a part of their own
+    assert group._part_sizes == [48, 32, 40, 8] and group._part_of == [0, 1, 2]
     out = mod(x)
     for o, r in zip(out, ref):
         assert o.shape == r.shape

@@ -462,6 +462,18 @@ FUSABLE_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
+def _split_sizes(out_features: list[int], rows: list[int]) -> tuple[list[int], list[int]]:
+    """(sizes along the rows of a group's output, index of each member's part): a member's padding rows
+    (out_features not a multiple of V) are parts of their own."""
+    sizes, part_of = [], []
+    for n, r in zip(out_features, rows):
+        part_of.append(len(sizes))
+        sizes.append(n)
+        if r > n:
+            sizes.append(r - n)
+    return sizes, part_of
+
+
 def _group_tensor(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -483,7 +495,7 @@ class _FusedProjections:
         # weak: members point to the group, and a cycle would keep a deleted model's weights until gc
         self._members = [weakref.ref(m) for m in members]
         self._build(members)
-        self._x = self._y = None
+        self._x = None
         self._traced_x = self._traced_y = None
         self._traced_served = 0
         self._x_version = -1
@@ -525,6 +537,11 @@ class _FusedProjections:
                 m.bias = nn.Parameter(self.bias[off : off + m.out_features], requires_grad=m.bias.requires_grad)
             m._fused_group, m._fused_index = self, i
         self._views = [self._pointers(m) for m in members]
+        # the group's output split into its members' slices by one op (a narrow per member costs a
+        # dispatcher call each): the sizes along the rows, with the padding rows of a member whose
+        # out_features is not a multiple of V as parts of their own
+        self._part_sizes, self._part_of = _split_sizes([m.out_features for m in members], rows)
+        self._parts = ()
         self._plans: dict = {}
 
     @property
@@ -534,6 +551,7 @@ class _FusedProjections:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_plans"] = {}  # launch plans hold device pointers and a lock: never copied or pickled
+        state["_x"], state["_parts"] = None, ()  # an output kept for the siblings is not state
         return state
 
     def __setstate__(self, state):
@@ -550,7 +568,16 @@ class _FusedProjections:
 
     def intact(self) -> bool:
         """False once a member's tensors no longer live in the fused storage (``.to()``, reassignment)."""
-        return all(m is not None and self._pointers(m) == p for m, p in zip(self.members, self._views))
+        for ref, want in zip(self._members, self._views):  # per new input at decode: kept to plain calls
+            m = ref()
+            if m is None:
+                return False
+            p = m._parameters
+            b = p.get("bias")
+            if (p["weight_values"].data_ptr(), p["weight_columns"].data_ptr(), p["weight_meta"].data_ptr(),
+                    None if b is None else b.data_ptr()) != want:
+                return False
+        return True
 
     def _rebuild(self) -> bool:
         """Concatenate the members' current tensors again (after ``.to()``); False when they cannot be."""
@@ -580,7 +607,7 @@ class _FusedProjections:
                 logger.warning("venom_hf: fused projections %s can no longer share one storage (moved to "
                                "different devices or offloaded); running them unfused", self.names)
                 self._warned = True
-            self._x = self._y = None
+            self._x, self._parts = None, ()
             return None
         return self._serve(self._spmm_all(x), x, member)
 
@@ -600,14 +627,15 @@ class _FusedProjections:
 
     def _serve(self, y: torch.Tensor, x: torch.Tensor, member: VNMSparseLinear) -> torch.Tensor:
         """Keep the group's output ``y`` of input ``x`` for the siblings, and return ``member``'s slice."""
-        self._y, self._x, self._x_version, self._served = y, x, x._version, 0
+        self._parts = y.split_with_sizes(self._part_sizes, -1)
+        self._x, self._x_version, self._served = x, x._version, 0
         return self._slice(member)
 
     def _slice(self, member: VNMSparseLinear) -> torch.Tensor:
-        y = self._y.narrow(-1, self.row_offsets[member._fused_index], member.out_features)
+        y = self._parts[self._part_of[member._fused_index]]
         self._served += 1
         if self._served >= len(self._members):  # every member has its slice: drop the references
-            self._x = self._y = None
+            self._x, self._parts = None, ()
         return y
 
     @torch.compiler.assume_constant_result
@@ -639,7 +667,7 @@ class _FusedProjections:
             if m is not None:
                 _detach_from_group(m)
         self._members = []
-        self._x = self._y = None
+        self._x, self._parts = None, ()
         self._plans = {}
 
 

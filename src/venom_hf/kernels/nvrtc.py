@@ -8,9 +8,10 @@ in-memory cache of the CUBINs, and kernel launch with ``cuLaunchKernel``.
 * The NVRTC log is shown in the exception on a compile error.
 * Launch: on the given stream handle (the caller passes torch's current raw stream); nothing here
   synchronizes or allocates, so launches can be captured in CUDA graphs. ``Kernel.launch`` calls the
-  driver's ``cuLaunchKernel`` through ctypes with a prebuilt argument array: a launch costs ~1-2 us of
-  host time there, against ~10 us through cuda-python's argument marshalling (decode runs hundreds of
-  launches per token, so this is a visible share of an eager decode step).
+  driver's ``cuLaunchKernel`` through ctypes with a prebuilt argument array (``Kernel.bind``: the ctypes
+  arguments converted once): a launch costs a few us of host time there, against ~10 us through
+  cuda-python's argument marshalling (decode runs hundreds of launches per token, so this is a visible
+  share of an eager decode step).
 
 Nothing in this module imports torch.
 """
@@ -246,6 +247,31 @@ class Kernel:
         _check_cu(driver, driver.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block[0], block[1], block[2],
                                                 smem, driver.CUstream(stream), args, 0), f"cuLaunchKernel({self.expr})")
 
+    def bind(self, grid, block, smem: int, args: int):
+        """``launch`` with everything but the stream fixed: ``fn(stream)``. The ctypes arguments are
+        converted once per stream handle instead of at every call (~1-3 us of an eager launch's host time;
+        the launch plans of ``kernels.ops`` launch through these)."""
+        self.reserve_smem(smem)
+        raw = _raw_launch_unconverted()
+        if raw is None:
+            return lambda stream: self.launch(grid, block, smem, stream, args)
+        head = (ctypes.c_void_p(self.handle), *(ctypes.c_uint(int(n)) for n in (*grid, *block, smem)))
+        tail = (ctypes.c_void_p(args), ctypes.c_void_p(None))
+        by_stream: dict[int, tuple] = {}
+
+        def launch(stream: int) -> None:
+            a = by_stream.get(stream)
+            if a is None:
+                if len(by_stream) >= 64:  # streams come and go: start over rather than grow
+                    by_stream.clear()
+                a = by_stream[stream] = (*head, ctypes.c_void_p(stream), *tail)
+            err = raw(*a)
+            if err:
+                driver = self._driver
+                _check_cu(driver, (driver.CUresult(err),), f"cuLaunchKernel({self.expr})")
+
+        return launch
+
 
 def kernel_args(param_struct) -> tuple[int, object]:
     """(address of a void*[1] holding ``param_struct``'s address, the array to keep alive)."""
@@ -257,6 +283,22 @@ def _raw_launch():
     """libcuda's cuLaunchKernel through ctypes (None where libcuda cannot be opened by name: then the
     cuda-python binding is used)."""
     return _libcuda_fn("cuLaunchKernel", [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3)
+
+
+def _raw_launch_unconverted():
+    """libcuda's cuLaunchKernel through ctypes with no argtypes: the caller passes ctypes objects (made once),
+    so nothing is converted at the call. None where libcuda cannot be opened by name."""
+    if "cuLaunchKernel/unconverted" not in _LIBCUDA_FNS:
+        fn = None
+        for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+            try:
+                fn = ctypes.CDLL(lib)["cuLaunchKernel"]  # a new function object: argtypes stay unset
+                fn.restype = ctypes.c_int
+                break
+            except (OSError, AttributeError):
+                continue
+        _LIBCUDA_FNS["cuLaunchKernel/unconverted"] = fn
+    return _LIBCUDA_FNS["cuLaunchKernel/unconverted"]
 
 
 # CUtensorMap enums (cuda.h): data types, swizzle modes (by span in bytes), the 256-byte L2 promotion
