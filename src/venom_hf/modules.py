@@ -568,14 +568,9 @@ class _FusedProjections:
 
     def intact(self) -> bool:
         """False once a member's tensors no longer live in the fused storage (``.to()``, reassignment)."""
-        for ref, want in zip(self._members, self._views):  # per new input at decode: kept to plain calls
+        for ref, want in zip(self._members, self._views):  # per new input at decode: no list of members
             m = ref()
-            if m is None:
-                return False
-            p = m._parameters
-            b = p.get("bias")
-            if (p["weight_values"].data_ptr(), p["weight_columns"].data_ptr(), p["weight_meta"].data_ptr(),
-                    None if b is None else b.data_ptr()) != want:
+            if m is None or self._pointers(m) != want:
                 return False
         return True
 

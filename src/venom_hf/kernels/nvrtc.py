@@ -288,17 +288,7 @@ def _raw_launch():
 def _raw_launch_unconverted():
     """libcuda's cuLaunchKernel through ctypes with no argtypes: the caller passes ctypes objects (made once),
     so nothing is converted at the call. None where libcuda cannot be opened by name."""
-    if "cuLaunchKernel/unconverted" not in _LIBCUDA_FNS:
-        fn = None
-        for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-            try:
-                fn = ctypes.CDLL(lib)["cuLaunchKernel"]  # a new function object: argtypes stay unset
-                fn.restype = ctypes.c_int
-                break
-            except (OSError, AttributeError):
-                continue
-        _LIBCUDA_FNS["cuLaunchKernel/unconverted"] = fn
-    return _LIBCUDA_FNS["cuLaunchKernel/unconverted"]
+    return _libcuda_fn("cuLaunchKernel", None)
 
 
 # CUtensorMap enums (cuda.h): data types, swizzle modes (by span in bytes), the 256-byte L2 promotion
@@ -339,24 +329,27 @@ def encode_tensor_map_2d(out_words, data_type: int, address: int, dims: tuple[in
         _check_cu(driver, (driver.CUresult(err),), f"cuTensorMapEncodeTiled(dims={dims}, box={box})")
 
 
-_LIBCUDA_FNS: dict[str, object] = {}
+_LIBCUDA_FNS: dict[tuple[str, bool], object] = {}
 
 
-def _libcuda_fn(name: str, argtypes: list):
-    """A function of libcuda through ctypes (``argtypes``, restype int), or None."""
-    if name not in _LIBCUDA_FNS:
+def _libcuda_fn(name: str, argtypes: list | None):
+    """A function of libcuda through ctypes (``argtypes``, restype int), or None. ``argtypes`` None: a
+    function object of its own with no argument conversion (its callers pass ctypes objects)."""
+    key = (name, argtypes is None)
+    if key not in _LIBCUDA_FNS:
         fn = None
         for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
             try:
-                fn = getattr(ctypes.CDLL(lib), name)
+                fn = getattr(ctypes.CDLL(lib), name)  # a new CDLL, so a function object of its own
                 break
             except (OSError, AttributeError):
                 continue
         if fn is not None:
-            fn.argtypes = argtypes
+            if argtypes is not None:
+                fn.argtypes = argtypes
             fn.restype = ctypes.c_int
-        _LIBCUDA_FNS[name] = fn
-    return _LIBCUDA_FNS[name]
+        _LIBCUDA_FNS[key] = fn
+    return _LIBCUDA_FNS[key]
 
 
 def _ensure_context(driver, device_index: int):
